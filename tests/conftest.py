@@ -1,0 +1,63 @@
+"""Shared helpers: run the real CLI and torchrun as subprocesses (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve().parent / "helpers"
+TIMEOUT = 300
+
+# Small but non-trivial transformer: vocab and widths chosen so 3 and 4 ranks shard unevenly.
+TINY_LM = ["--model", "transformer", "--vocab-size", "50", "--d-model", "24", "--n-layers", "2",
+           "--n-heads", "4", "--seq-len", "12", "--ffn-mult", "2"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def run_cli(*args: str, timeout: int = TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fsdp-train {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(script), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script.name} {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def dump_state(nproc: int, out: Path, mode: str, *flags: str) -> dict:
+    import torch
+
+    run_torchrun(nproc, HELPERS / "dump_state.py", str(out), mode, *flags)
+    return torch.load(out, weights_only=False)
+
+
+def ckpt_list(directory: Path) -> list[dict]:
+    return json.loads(run_cli("ckpt", "list", str(directory), "--json", check=True).stdout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path: Path) -> Path:
+    return tmp_path / "checkpoints"

@@ -1,0 +1,80 @@
+"""Everything a resume needs, as one DCP ``Stateful``.
+
+``get_state_dict``/``set_state_dict`` give FQN-keyed, sharded (DTensor) model and
+optimizer state; DCP loads into those pre-allocated shards in place, whatever
+world size wrote them, which is what makes every resume a resharding resume.
+Checkpoint keys: ``app.model.<fqn>``, ``app.optim.state.<fqn>.<exp_avg|exp_avg_sq|step>``,
+``app.optim.param_groups.*``, ``app.trainer.{step,samples_seen,seed,scheduler}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+STATE_KEY = "app"
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples_seen: int = 0
+
+
+class AppState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, seed: int) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.progress = progress
+        self.seed = seed
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_state,
+            "optim": optim_state,
+            "trainer": {
+                "step": self.progress.step,
+                "samples_seen": self.progress.samples_seen,
+                "seed": self.seed,
+                "scheduler": self.scheduler.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer,
+                       model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+        trainer = state_dict["trainer"]
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.progress.step = int(trainer["step"])
+        self.progress.samples_seen = int(trainer["samples_seen"])
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Materialise optimizer state exactly as a first real step would find it.
+
+    DCP needs the state allocated to load into (and staging needs it to size
+    buffers). A zero-LR step on zero grads allocates it; resetting ``step`` to 0
+    keeps Adam's bias correction identical to a lazily initialised optimizer.
+    """
+    if optimizer.state:
+        return
+    saved_lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, saved_lrs):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"].zero_()

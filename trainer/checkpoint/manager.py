@@ -1,0 +1,219 @@
+"""Save, resume and retention policy for one training job.
+
+Saves: periodic saves are asynchronous (stage into reusable host buffers, write
+in a background thread, at most one in flight); the final and the emergency
+save are synchronous. Resume: newest committed checkpoint whose files still
+match their recorded sizes and checksums, verified by all ranks in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from trainer.checkpoint import integrity
+from trainer.checkpoint.app_state import STATE_KEY, AppState
+from trainer.checkpoint.layout import (
+    CheckpointInfo,
+    committed_checkpoints,
+    list_checkpoints,
+    remove_tree,
+    resolve_resume_target,
+    step_dir,
+)
+from trainer.checkpoint.staging import ReusableHostStager
+from trainer.checkpoint.storage import CommittingWriter
+from trainer.config import TrainConfig
+from trainer.distributed import Runtime
+from trainer.errors import UserError
+
+log = logging.getLogger("fsdp_train")
+MARKER_FORMAT = 1
+SUPERSEDED_DIR = "superseded"
+
+
+def shape_mismatch(expected: dict[str, Any], recorded: dict[str, Any]) -> str | None:
+    """Describe differing model-shape settings, or None when compatible."""
+    keys = sorted(set(expected) | set(recorded))
+    diffs = [f"{k}={recorded.get(k)!r} in checkpoint vs {expected.get(k)!r} now"
+             for k in keys if expected.get(k) != recorded.get(k)]
+    return "; ".join(diffs) or None
+
+
+def check_compatible(cfg: TrainConfig, info: CheckpointInfo) -> None:
+    mismatch = shape_mismatch(cfg.shape_fields(), info.marker.get("shape", {}))
+    if mismatch:
+        raise UserError(f"checkpoint {info.path} has a different model shape ({mismatch}): "
+                        "pass the same model flags, or --no-resume / another --checkpoint-dir to start fresh")
+
+
+class CheckpointManager:
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, app_state: AppState, run_id: str) -> None:
+        self.cfg = cfg
+        self.rt = runtime
+        self.app_state = app_state
+        self.root = Path(cfg.checkpoint_dir)
+        self.run_id = run_id
+        self.resumed_from: dict[str, int] | None = None
+        self.last_loss: float | None = None
+        self._stager = ReusableHostStager()
+        self._planner = DefaultSavePlanner(enable_plan_caching=True)
+        self._pending: Future | None = None
+        self._pending_step: int | None = None
+        self._last_saved_step: int | None = None
+
+    # ---- saving -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Allocate staging buffers now, so the first async save blocks no longer than later ones."""
+        if self.cfg.checkpoint_mode == "async":
+            self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
+
+    def save(self, step: int, *, blocking: bool, reason: str) -> None:
+        self.wait()
+        if step == self._last_saved_step or (self.resumed_from and step == self.resumed_from["step"]):
+            return  # this exact state is already committed (e.g. a final save right after a periodic one)
+        self._last_saved_step = step
+        path = step_dir(self.root, step)
+        marker = {
+            "format": MARKER_FORMAT,
+            "step": step,
+            "world_size": self.rt.world_size,
+            "torch_version": torch.__version__,
+            "resumed_from": self.resumed_from,
+            "reason": reason,
+            "run_id": self.run_id,
+            "loss": self.last_loss,
+            "sharding": f"FSDP2 fully_shard, dim-0 shards over {self.rt.world_size} rank(s)",
+            "shape": self.cfg.shape_fields(),
+            "config": self.cfg.to_dict(),
+        }
+        writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None)
+        state = {STATE_KEY: self.app_state}
+        if blocking or self.cfg.checkpoint_mode == "sync":
+            try:
+                dcp.save(state, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
+            except Exception as exc:
+                self._discard_failed(step, exc)
+                raise
+            return
+        self._pending = dcp.async_save(state, storage_writer=writer, planner=self._planner,
+                                       process_group=self.rt.checkpoint_group, async_stager=self._stager)
+        self._pending_step = step
+
+    def wait(self) -> bool:
+        """Finish the in-flight save; a failed one is logged and training goes on. True if none failed."""
+        if self._pending is None:
+            return True
+        pending, step = self._pending, self._pending_step
+        self._pending = self._pending_step = None
+        try:
+            pending.result()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any storage failure must not stop training
+            self._discard_failed(step, exc)
+            return False
+
+    def _discard_failed(self, step: int, exc: BaseException) -> None:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if self.rt.is_primary:
+            log.error("checkpoint at step %d failed (%s); the previous committed checkpoint is intact", step, message)
+            remove_tree(step_dir(self.root, step))
+
+    def _after_commit(self, marker: dict[str, Any]) -> None:
+        log.info("checkpoint step %d committed (%.1f MB, %.2fs, %s)", marker["step"], marker["bytes"] / 1e6,
+                 marker["save_seconds"], marker["reason"])
+        self.apply_retention()
+
+    def apply_retention(self) -> None:
+        """Keep the newest ``keep_last`` committed checkpoints, the resumed-from one, and drop stale partials."""
+        checkpoints = list_checkpoints(self.root)
+        committed = [info for info in checkpoints if info.committed]
+        if not committed:
+            return
+        keep = {info.step for info in committed[-self.cfg.keep_last:]} | {committed[-1].step}
+        if self.resumed_from is not None:
+            keep.add(self.resumed_from["step"])
+        newest = committed[-1].step
+        for info in checkpoints:
+            stale_partial = not info.committed and info.step < newest
+            if (info.committed and info.step not in keep) or stale_partial:
+                remove_tree(info.path)
+
+    # ---- resuming -----------------------------------------------------------------------
+    def _candidates(self) -> list[CheckpointInfo]:
+        if self.cfg.no_resume:
+            return []
+        if self.cfg.resume_from is not None:
+            return [resolve_resume_target(self.root, self.cfg.resume_from)]
+        return list(reversed(committed_checkpoints(self.root)))
+
+    def _broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.rt.checkpoint_group)
+        return box[0]
+
+    def _verify(self, info: CheckpointInfo) -> list[str]:
+        """All ranks check sizes of every file and checksums of their share; returns all problems."""
+        names = sorted(info.marker.get("files", {}))
+        mine = names[self.rt.rank::self.rt.world_size]
+        local = integrity.problems(info.path, info.marker["files"], names, checksums=False)
+        local += integrity.problems(info.path, info.marker["files"], mine, checksums=True)
+        gathered: list[list[str]] = [[] for _ in range(self.rt.world_size)]
+        dist.all_gather_object(gathered, local, group=self.rt.checkpoint_group)
+        return sorted({problem for rank_problems in gathered for problem in rank_problems})
+
+    def restore(self) -> CheckpointInfo | None:
+        """Load the checkpoint to resume from into the live model/optimizer, or return None."""
+        candidates: list[CheckpointInfo] | UserError
+        if self.rt.is_primary:
+            try:
+                candidates = self._candidates()
+            except UserError as exc:
+                candidates = exc
+        else:
+            candidates = []
+        candidates = self._broadcast(candidates)
+        if isinstance(candidates, UserError):
+            raise candidates
+        for info in candidates:
+            check_compatible(self.cfg, info)
+            problems = self._verify(info)
+            if problems:
+                if self.cfg.resume_from is not None:
+                    raise UserError(f"--resume-from {self.cfg.resume_from}: {problems[0]}; pick another checkpoint")
+                if self.rt.is_primary:
+                    log.warning("skipping damaged checkpoint step %d: %s", info.step, "; ".join(problems))
+                continue
+            started = time.perf_counter()
+            dcp.load({STATE_KEY: self.app_state}, checkpoint_id=info.path, process_group=self.rt.checkpoint_group)
+            self.resumed_from = {"step": info.step, "world_size": int(info.marker["world_size"])}
+            if self.rt.is_primary and self.cfg.resume_from is not None:
+                self._set_aside_newer(info.step)
+            if self.rt.is_primary:
+                log.info("resumed from step %d (written by world size %d) -> now world size %d, load %.2fs",
+                         info.step, info.marker["world_size"], self.rt.world_size, time.perf_counter() - started)
+            return info
+        return None
+
+    def _set_aside_newer(self, step: int) -> None:
+        """After rewinding to an older step, move newer checkpoints out of the resume path (kept, not deleted)."""
+        newer = [info for info in list_checkpoints(self.root) if info.step > step]
+        if not newer:
+            return
+        aside = self.root / SUPERSEDED_DIR / time.strftime("%Y%m%dT%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for info in newer:
+            info.path.rename(aside / info.path.name)
+        log.warning("rewound to step %d: moved %d newer checkpoint(s) to %s", step, len(newer), aside)
+
+    def close(self) -> None:
+        self.wait()
+        self._stager.close()

@@ -1,0 +1,196 @@
+"""Typed training config, read from defaults < YAML file < environment < flags.
+
+The config is flat on purpose: one name per setting, spelled the same as a
+YAML key (``max_steps``), a flag (``--max-steps``) and an environment variable
+(``FSDP_TRAIN_MAX_STEPS``), so the Helm chart, the CLI and the docs cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import UserError
+
+ENV_PREFIX = "FSDP_TRAIN_"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # Model: the fields marked "shape" decide parameter shapes and must match a resumed checkpoint.
+    model: str = _opt("toy", "model to train", choices=("toy", "transformer"), shape=True)
+    vocab_size: int = _opt(256, "transformer vocabulary size", shape=True)
+    d_model: int = _opt(64, "transformer width", shape=True)
+    n_layers: int = _opt(2, "transformer blocks", shape=True)
+    n_heads: int = _opt(4, "attention heads (must divide d_model)", shape=True)
+    seq_len: int = _opt(32, "transformer context length in tokens", shape=True)
+    ffn_mult: int = _opt(4, "MLP hidden size as a multiple of d_model", shape=True)
+    # Optimisation.
+    max_steps: int = _opt(100, "train until this global step")
+    global_batch_size: int = _opt(32, "samples per step across all ranks (fixed; independent of world size)")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = _opt(10, "linear warm-up steps before cosine decay")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
+    decay_steps: int = _opt(0, "cosine decay horizon in steps; 0 means --max-steps (set it to extend a run exactly)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    seed: int = _opt(0, "seed for init and data; randomness comes from (seed, step), never rank")
+    # Checkpointing.
+    checkpoint_dir: str = _opt("./checkpoints", "shared directory for DCP checkpoints, metrics and the job lock")
+    checkpoint_every: int = _opt(10, "save a checkpoint every K steps (and always at the end)")
+    checkpoint_first_step: bool = _opt(False, "also save right after step 1, so broken storage fails in the first minute")
+    checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
+                                choices=("async", "sync"))
+    keep_last: int = _opt(3, "committed checkpoints to keep")
+    resume_from: str | None = _opt(None, "resume from this step number or checkpoint path instead of the newest")
+    no_resume: bool = _opt(False, "start fresh even if committed checkpoints exist")
+    init_from: str | None = _opt(None, "start a fresh run from a torch.save'd model state dict (.pth)")
+    # Runtime.
+    device: str = _opt("auto", "auto: CUDA+NCCL if a GPU is present, else CPU+gloo", choices=("auto", "cpu", "cuda"))
+    log_every: int = _opt(1, "log a metrics line every N steps")
+    lock_ttl: float = _opt(60.0, "seconds after which a silent job's lock on --checkpoint-dir counts as stale")
+    shutdown_grace: float = _opt(25.0, "seconds allowed for the emergency checkpoint after SIGTERM")
+    progress: bool = _opt(False, "show a live progress bar on rank 0 instead of log lines")
+
+    def shape_fields(self) -> dict[str, Any]:
+        """The settings that decide parameter shapes (compared on resume)."""
+        names = [f.name for f in fields(self) if f.metadata.get("shape")]
+        if self.model == "toy":
+            names = ["model"]
+        return {name: getattr(self, name) for name in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "ffn_mult",
+                    "global_batch_size", "checkpoint_every", "keep_last", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps < 0:
+            raise UserError(f"--max-steps must be >= 0 (got {self.max_steps})")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0 (got {self.lr})")
+        if self.d_model % self.n_heads:
+            raise UserError(f"--n-heads ({self.n_heads}) must divide --d-model ({self.d_model})")
+        if self.resume_from is not None and self.no_resume:
+            raise UserError("--resume-from and --no-resume contradict each other: pass only one")
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size > self.global_batch_size:
+            raise UserError(
+                f"world size {world_size} is larger than --global-batch-size {self.global_batch_size}: "
+                f"use at most {self.global_batch_size} processes or raise --global-batch-size"
+            )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_types() -> dict[str, type]:
+    types = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str}
+    return {f.name: types[str(f.type)] for f in fields(TrainConfig)}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field; unset flags stay absent so lower layers show through."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (keys as below, with underscores)")
+    types = _field_types()
+    for f in fields(TrainConfig):
+        kind = types[f.name]
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    kind = _field_types()[name]
+    if raw is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _from_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror}); pass an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of setting: value at the top level")
+    known = {f.name for f in fields(TrainConfig)}
+    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; see 'fsdp-train train --help'")
+    return {k: _coerce(k, v, f"--config {path}") for k, v in normalised.items()}
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    values = {}
+    for f in fields(TrainConfig):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ:
+            values[f.name] = _coerce(f.name, environ[key], f"environment {key}")
+    return values
+
+
+def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> TrainConfig:
+    """Merge the layers: defaults < --config YAML < FSDP_TRAIN_* environment < flags."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        values.update(_from_yaml(config_path))
+    values.update(_from_env(environ))
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def config_to_args(config: TrainConfig) -> list[str]:
+    """Render a config back into flags (used to hand a validated config to torchrun workers)."""
+    argv: list[str] = []
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{_flag(f.name)}" if value else f"--no-{_flag(f.name)}")
+        else:
+            argv += [f"--{_flag(f.name)}", str(value)]
+    return argv

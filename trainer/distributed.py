@@ -1,0 +1,86 @@
+"""Process-group setup: pick device and backend, and give checkpoints their own group.
+
+Checkpoint collectives run on a separate gloo group so a background save never
+interleaves with the training step's collectives on the default group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UserError
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    checkpoint_group: dist.ProcessGroup
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_runtime(requested_device: str) -> Runtime:
+    """Join the job's process group (started by torchrun, or a world of one without it)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
+                                device_id=device if device.type == "cuda" else None)
+    checkpoint_group = dist.new_group(backend="gloo")
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, checkpoint_group)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def on_primary(runtime: Runtime, action, *args):  # noqa: ANN001, ANN201
+    """Run ``action`` on rank 0 only and hand every rank its result, or its ``UserError``."""
+    outcome = None
+    if runtime.is_primary:
+        try:
+            outcome = action(*args)
+        except UserError as exc:
+            outcome = exc
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0, group=runtime.checkpoint_group)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]

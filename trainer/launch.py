@@ -1,0 +1,71 @@
+"""Start torchrun: ``local`` (standalone, this machine) and ``launch`` (container entrypoint).
+
+``local`` validates the config first so mistakes are one line, not a torchrun
+traceback per worker; it turns Ctrl-C or SIGTERM into a clean stop (the workers
+write an emergency checkpoint) and exits 0 when that checkpoint committed.
+``launch`` replaces itself with torchrun, which reads its rendezvous settings
+from ``PET_*`` environment variables (set by the Helm chart or the operator).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from trainer.checkpoint.layout import committed_checkpoints
+from trainer.checkpoint.manager import check_compatible
+from trainer.config import TrainConfig, config_to_args
+from trainer.train import prepare_checkpoint_dir
+
+
+def worker_command(train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "trainer", "train", *train_args]
+
+
+def torchrun_prefix(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra]
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> None:
+    """The checks a worker would fail on, done once up front with a one-line message."""
+    cfg.check_world_size(world_size)
+    prepare_checkpoint_dir(cfg.checkpoint_dir)
+    if not cfg.no_resume and cfg.resume_from is None:
+        committed = committed_checkpoints(cfg.checkpoint_dir)
+        if committed:
+            check_compatible(cfg, committed[-1])
+
+
+def run_local(cfg: TrainConfig, nproc: int) -> int:
+    preflight(cfg, nproc)
+    command = torchrun_prefix("--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                              "-m", "trainer", "train", *config_to_args(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.time()
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = child.wait()
+    if stopping and code != 0:
+        committed = committed_checkpoints(cfg.checkpoint_dir)
+        newest = committed[-1].marker if committed else {}
+        if newest.get("reason") == "preempted" and newest.get("created", 0) >= started:
+            print(f"fsdp-train: stopped; emergency checkpoint step {newest['step']} committed", file=sys.stderr)
+            return 0
+    return code
+
+
+def exec_launch(train_args: list[str]) -> None:
+    """Become torchrun (PID 1 in the container receives SIGTERM directly)."""
+    command = torchrun_prefix("-m", "trainer", "train", *train_args)
+    os.execv(command[0], command)

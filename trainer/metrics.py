@@ -1,0 +1,48 @@
+"""Metrics: one JSON line per logged step in ``metrics.jsonl``, plus a readable log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("fsdp_train")
+
+
+def read_metrics(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
+    """All records in ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
+    path = Path(checkpoint_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsWriter:
+    """Appends records on rank 0; other ranks hold a writer that does nothing."""
+
+    def __init__(self, checkpoint_dir: str | Path, enabled: bool) -> None:
+        self.path = Path(checkpoint_dir) / METRICS_FILE
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "time": round(time.time(), 3)}
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, loss: float, world_size: int, samples_per_s: float, lr: float) -> None:
+        self.write({"event": "step", "step": step, "loss": loss, "world_size": world_size,
+                    "samples_per_s": round(samples_per_s, 2), "lr": lr})
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.write({"event": name, **fields})

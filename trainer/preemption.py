@@ -1,0 +1,55 @@
+"""SIGTERM/SIGINT become a request to checkpoint and stop, agreed by all ranks.
+
+Kubernetes stops a pod with SIGTERM (torchrun forwards it to the workers); the
+handler only records it. The training loop folds the flag into its per-step
+all-reduce, so every rank stops after the same step and joins the emergency
+save. A watchdog bounds the whole shutdown by ``--shutdown-grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+log = logging.getLogger("fsdp_train")
+
+EXIT_PEER_PREEMPTED = 75  # EX_TEMPFAIL: a peer was stopped; torchrun should restart this worker
+EXIT_GRACE_EXCEEDED = 124
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._watchdog: threading.Timer | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def start_deadline(self, seconds: float) -> None:
+        """Exit non-zero if the emergency checkpoint has not finished in ``seconds``."""
+        started = time.monotonic()
+
+        def expire() -> None:
+            log.error("emergency checkpoint did not finish within --shutdown-grace %.0fs (%.0fs elapsed); exiting",
+                      seconds, time.monotonic() - started)
+            os._exit(EXIT_GRACE_EXCEEDED)
+
+        self._watchdog = threading.Timer(seconds, expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def cancel_deadline(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()

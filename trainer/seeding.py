@@ -1,0 +1,37 @@
+"""Seed a fresh run from a ``torch.save``d model state dict, sharded at whatever world size starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from trainer.checkpoint.app_state import STATE_KEY
+from trainer.errors import UserError
+
+
+def read_model_state(path: str) -> dict[str, torch.Tensor]:
+    """A plain model state dict, or the model part of a ``fsdp-train convert dcp-to-torch`` file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--init-from {path}: no such file; pass a .pth written by torch.save") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise UserError(f"--init-from {path}: not a loadable torch.save file ({type(exc).__name__})") from None
+    if isinstance(state, dict) and STATE_KEY in state and "model" in state[STATE_KEY]:
+        state = state[STATE_KEY]["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"--init-from {path}: expected a state dict (mapping of names to tensors)")
+    return state
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    state = read_model_state(path)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(f"--init-from {Path(path).name}: keys do not match the model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check the model flags")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
