@@ -134,6 +134,7 @@ class Trainer:
                 return self._emergency_stop(step)
             if step == 1 and cfg.checkpoint_first_step:
                 self.checkpoints.save(step, blocking=True, reason="first-step")
+                self.checkpoints.verify_readable(step)
             elif step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 self.checkpoints.save(step, blocking=False, reason="periodic")
         self.checkpoints.save(self.progress.step, blocking=True, reason="final")

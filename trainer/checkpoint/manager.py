@@ -25,6 +25,7 @@ from trainer.checkpoint.layout import (
     CheckpointInfo,
     committed_checkpoints,
     list_checkpoints,
+    open_checkpoint,
     remove_tree,
     resolve_resume_target,
     step_dir,
@@ -32,7 +33,7 @@ from trainer.checkpoint.layout import (
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
 from trainer.config import TrainConfig
-from trainer.distributed import Runtime
+from trainer.distributed import Runtime, on_primary
 from trainer.errors import UserError
 
 log = logging.getLogger("fsdp_train")
@@ -155,11 +156,6 @@ class CheckpointManager:
             return [resolve_resume_target(self.root, self.cfg.resume_from)]
         return list(reversed(committed_checkpoints(self.root)))
 
-    def _broadcast(self, value: Any) -> Any:
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.rt.checkpoint_group)
-        return box[0]
-
     def _verify(self, info: CheckpointInfo) -> list[str]:
         """All ranks check sizes of every file and checksums of their share; returns all problems."""
         names = sorted(info.marker.get("files", {}))
@@ -170,19 +166,17 @@ class CheckpointManager:
         dist.all_gather_object(gathered, local, group=self.rt.checkpoint_group)
         return sorted({problem for rank_problems in gathered for problem in rank_problems})
 
+    def verify_readable(self, step: int) -> None:
+        """Re-read a just-committed checkpoint (all ranks): broken storage fails now, not at the first resume."""
+        info = on_primary(self.rt, open_checkpoint, step_dir(self.root, step))
+        problems = self._verify(info)
+        if problems:
+            raise UserError(f"--checkpoint-dir {self.root}: checkpoint step {step} did not read back intact "
+                            f"({problems[0]}); check the volume")
+
     def restore(self) -> CheckpointInfo | None:
         """Load the checkpoint to resume from into the live model/optimizer, or return None."""
-        candidates: list[CheckpointInfo] | UserError
-        if self.rt.is_primary:
-            try:
-                candidates = self._candidates()
-            except UserError as exc:
-                candidates = exc
-        else:
-            candidates = []
-        candidates = self._broadcast(candidates)
-        if isinstance(candidates, UserError):
-            raise candidates
+        candidates = on_primary(self.rt, self._candidates)
         for info in candidates:
             check_compatible(self.cfg, info)
             problems = self._verify(info)

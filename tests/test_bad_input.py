@@ -1,0 +1,52 @@
+"""Each mistake is one clear line naming the input and the fix, with no traceback and nothing lost."""
+
+from __future__ import annotations
+
+from conftest import ckpt_list, error_lines, run_cli
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_flag():
+    assert_one_line_error(run_cli("train", "--max-stepz", "3"), "--max-stepz", "fsdp-train train --help")
+
+
+def test_checkpoint_dir_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = run_cli("local", "--nproc", "1", "--checkpoint-dir", str(blocker / "ckpt"))
+    assert_one_line_error(proc, "--checkpoint-dir", "writable")
+    proc = run_cli("train", "--checkpoint-dir", str(blocker / "ckpt"))  # the worker's own check
+    assert_one_line_error(proc, "--checkpoint-dir", "writable")
+
+
+def test_world_size_larger_than_global_batch(ckpt_dir):
+    proc = run_cli("local", "--nproc", "3", "--global-batch-size", "2", "--checkpoint-dir", str(ckpt_dir))
+    assert_one_line_error(proc, "world size 3", "--global-batch-size 2")
+
+
+def test_model_config_differs_from_checkpoint(ckpt_dir):
+    run_cli("local", "--nproc", "1", "--model", "transformer", "--d-model", "16", "--n-heads", "2",
+            "--max-steps", "2", "--checkpoint-dir", str(ckpt_dir), check=True)
+    before = ckpt_list(ckpt_dir)
+    proc = run_cli("local", "--nproc", "1", "--model", "transformer", "--d-model", "32", "--n-heads", "2",
+                   "--max-steps", "4", "--checkpoint-dir", str(ckpt_dir))
+    assert_one_line_error(proc, "d_model=16 in checkpoint vs 32 now", "--no-resume")
+    proc = run_cli("train", "--model", "toy", "--max-steps", "4", "--checkpoint-dir", str(ckpt_dir))
+    assert_one_line_error(proc, "model='transformer' in checkpoint vs 'toy' now")
+    assert ckpt_list(ckpt_dir) == before, "a refused resume must not touch the checkpoints"
+
+
+def test_bad_config_file(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("max_steps: 3\nlearning_rate: 0.1\n")
+    assert_one_line_error(run_cli("train", "--config", str(config)), "learning_rate", str(config))
+    config.write_text("max_steps: many\n")
+    assert_one_line_error(run_cli("train", "--config", str(config)), "max_steps='many'")
