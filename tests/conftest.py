@@ -61,3 +61,46 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.fixture
 def ckpt_dir(tmp_path: Path) -> Path:
     return tmp_path / "checkpoints"
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """Start ``fsdp-train ARGS`` in the background (its own session, so signals reach only it)."""
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def worker_pids(marker: str) -> dict[int, int]:
+    """{rank: pid} of trainer workers whose command line contains ``marker`` (e.g. the checkpoint dir)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"train" not in cmdline or marker.encode() not in cmdline:
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def last_step(ckpt: Path) -> int:
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()
+               if line.startswith("{")] if (ckpt / "metrics.jsonl").exists() else []
+    steps = [r["step"] for r in records if r.get("event") == "step"]
+    return steps[-1] if steps else 0

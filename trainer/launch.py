@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from trainer.checkpoint.layout import committed_checkpoints
+from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import check_compatible
 from trainer.config import TrainConfig, config_to_args
 from trainer.train import prepare_checkpoint_dir
@@ -33,6 +35,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     """The checks a worker would fail on, done once up front with a one-line message."""
     cfg.check_world_size(world_size)
     prepare_checkpoint_dir(cfg.checkpoint_dir)
+    JobLock(Path(cfg.checkpoint_dir), run_id="", ttl=cfg.lock_ttl).refuse_if_held()
     if not cfg.no_resume and cfg.resume_from is None:
         committed = committed_checkpoints(cfg.checkpoint_dir)
         if committed:
@@ -45,13 +48,16 @@ def run_local(cfg: TrainConfig, nproc: int) -> int:
                               "-m", "trainer", "train", *config_to_args(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.time()
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+    # Same process group as us: Ctrl-C reaches torchrun and the workers directly, and killing
+    # the group kills everything. SIGTERM sent to this process alone is forwarded.
+    child = subprocess.Popen(command, env=env)
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        child.send_signal(signal.SIGTERM)
+        if signum == signal.SIGTERM:
+            child.send_signal(signal.SIGTERM)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)

@@ -32,13 +32,20 @@ class MetricsWriter:
     def __init__(self, checkpoint_dir: str | Path, enabled: bool) -> None:
         self.path = Path(checkpoint_dir) / METRICS_FILE
         self.enabled = enabled
+        self._warned = False
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {**record, "time": round(time.time(), 3)}
-        with self.path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as out:
+                out.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk must not stop training; checkpoints report their own errors
+            if not self._warned:
+                log.warning("cannot append to %s (%s); metrics are skipped until it works again",
+                            self.path, exc.strerror)
+                self._warned = True
 
     def step(self, step: int, loss: float, world_size: int, samples_per_s: float, lr: float) -> None:
         self.write({"event": "step", "step": step, "loss": loss, "world_size": world_size,

@@ -18,6 +18,7 @@ log = logging.getLogger("fsdp_train")
 
 EXIT_PEER_PREEMPTED = 75  # EX_TEMPFAIL: a peer was stopped; torchrun should restart this worker
 EXIT_GRACE_EXCEEDED = 124
+EXIT_ORPHANED = 1
 
 
 class StopRequest:
@@ -53,3 +54,20 @@ class StopRequest:
     def cancel_deadline(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+
+
+def exit_when_orphaned(poll_seconds: float = 1.0) -> None:
+    """Exit if our launcher (torchrun) dies without stopping us.
+
+    torchrun starts workers in their own sessions, so a SIGKILLed torchrun leaves
+    them running, still holding the job lock and writing checkpoints.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log.error("the launching process (pid %d) is gone; exiting", parent)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()

@@ -30,7 +30,7 @@ from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter
 from trainer.models import build_model, per_sample_loss
-from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest
+from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
 from trainer.progress import StepReporter
 from trainer.seeding import load_initial_weights
 
@@ -73,6 +73,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.stop.install()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            exit_when_orphaned()
         self.rt: Runtime = init_runtime(cfg.device)
         cfg.check_world_size(self.rt.world_size)
         on_primary(self.rt, prepare_checkpoint_dir, cfg.checkpoint_dir)

@@ -61,9 +61,7 @@ class JobLock:
             with os.fdopen(fd, "w") as out:
                 json.dump(self._lease(), out)
         except FileExistsError:
-            holder = self._read()
-            if holder and holder.get("run_id") != self.run_id and not self._is_stale(holder):
-                self._refuse(holder)
+            self.refuse_if_held()
             write_json_atomic(self.path, self._lease())
         time.sleep(0.2)  # a job that raced us to the file wins or loses here, not later
         holder = self._read()
@@ -71,6 +69,12 @@ class JobLock:
             self._refuse(holder or {})
         self._thread = threading.Thread(target=self._heartbeat, name="job-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def refuse_if_held(self) -> None:
+        """Raise if another job holds a live lease on the directory."""
+        holder = self._read()
+        if holder and holder.get("run_id") != self.run_id and not self._is_stale(holder):
+            self._refuse(holder)
 
     def _refuse(self, holder: dict[str, Any]) -> None:
         age = time.time() - float(holder.get("heartbeat", 0))

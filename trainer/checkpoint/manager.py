@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from trainer.checkpoint import integrity
@@ -54,6 +55,21 @@ def check_compatible(cfg: TrainConfig, info: CheckpointInfo) -> None:
     if mismatch:
         raise UserError(f"checkpoint {info.path} has a different model shape ({mismatch}): "
                         "pass the same model flags, or --no-resume / another --checkpoint-dir to start fresh")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost OS error of a (possibly wrapped, per-rank) DCP failure, as one short phrase."""
+    seen: list[BaseException] = [exc]
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: exception}
+    if isinstance(failures, dict):  # values are (exception, traceback summary) pairs
+        seen += [value[0] if isinstance(value, tuple) else value for value in failures.values()]
+    while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    for candidate in seen:
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return candidate.strerror
+    text = str(seen[-1]).strip()
+    return text.splitlines()[-1] if text else type(seen[-1]).__name__
 
 
 class CheckpointManager:
@@ -101,9 +117,9 @@ class CheckpointManager:
         if blocking or self.cfg.checkpoint_mode == "sync":
             try:
                 dcp.save(state, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
-            except Exception as exc:
-                self._discard_failed(step, exc)
-                raise
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any storage failure, one line
+                raise UserError(f"{self._discard_failed(step, exc)}; fix the volume (space, permissions) "
+                                "and re-run to resume") from None
             return
         self._pending = dcp.async_save(state, storage_writer=writer, planner=self._planner,
                                        process_group=self.rt.checkpoint_group, async_stager=self._stager)
@@ -118,15 +134,19 @@ class CheckpointManager:
         try:
             pending.result()
             return True
-        except Exception as exc:  # noqa: BLE001 - any storage failure must not stop training
-            self._discard_failed(step, exc)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a failed save must not stop training
+            message = self._discard_failed(step, exc)
+            if self.rt.is_primary:
+                log.error("%s; training continues", message)
             return False
 
-    def _discard_failed(self, step: int, exc: BaseException) -> None:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    def _discard_failed(self, step: int, exc: BaseException) -> str:
+        """Remove the partial directory (rank 0) and return the one-line reason."""
+        reason = _root_cause(exc)
+        message = f"checkpoint at step {step} failed ({reason}); the previous committed checkpoint is intact"
         if self.rt.is_primary:
-            log.error("checkpoint at step %d failed (%s); the previous committed checkpoint is intact", step, message)
             remove_tree(step_dir(self.root, step))
+        return message
 
     def _after_commit(self, marker: dict[str, Any]) -> None:
         log.info("checkpoint step %d committed (%.1f MB, %.2fs, %s)", marker["step"], marker["bytes"] / 1e6,
