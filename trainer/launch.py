@@ -16,10 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import check_compatible
 from trainer.config import TrainConfig, config_to_args
+from trainer.models import build_model
+from trainer.seeding import check_matches, read_model_state
 from trainer.train import prepare_checkpoint_dir
 
 
@@ -40,6 +44,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         committed = committed_checkpoints(cfg.checkpoint_dir)
         if committed:
             check_compatible(cfg, committed[-1])
+    if cfg.init_from:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = build_model(cfg)
+        check_matches(model, read_model_state(cfg.init_from), cfg.init_from)
 
 
 def run_local(cfg: TrainConfig, nproc: int) -> int:

@@ -6,6 +6,7 @@ import logging
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsWriter
@@ -20,8 +21,11 @@ class StepReporter:
         self._last_time = time.perf_counter()
         self._last_step = first_step
         self._bar = None
+        self._redirect = None
         if enabled and cfg.progress:
             self._bar = tqdm(total=cfg.max_steps, initial=first_step, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
+            self._redirect.__enter__()
 
     def step(self, step: int, loss: float, world_size: int, lr: float, metrics: MetricsWriter) -> None:
         if not self.enabled or (step % self.cfg.log_every and step != self.cfg.max_steps):
@@ -39,5 +43,6 @@ class StepReporter:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
             self._bar = None

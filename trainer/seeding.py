@@ -27,11 +27,18 @@ def read_model_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_initial_weights(model: nn.Module, path: str) -> None:
-    state = read_model_state(path)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+def check_matches(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(f"--init-from {Path(path).name}: keys do not match the model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check the model flags")
+    wrong = [name for name, shape in expected.items() if tuple(state[name].shape) != shape]
+    if wrong:
+        raise UserError(f"--init-from {Path(path).name}: shapes differ for {wrong[:3]}; check the model flags")
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    state = read_model_state(path)
+    check_matches(model, state, path)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class CheckpointManager:
         self.run_id = run_id
         self.resumed_from: dict[str, int] | None = None
         self.last_loss: float | None = None
+        self.last_restore_seconds = 0.0
         self._stager = ReusableHostStager()
         self._planner = DefaultSavePlanner(enable_plan_caching=True)
         self._pending: Future | None = None
@@ -176,15 +177,19 @@ class CheckpointManager:
             return [resolve_resume_target(self.root, self.cfg.resume_from)]
         return list(reversed(committed_checkpoints(self.root)))
 
-    def _verify(self, info: CheckpointInfo) -> list[str]:
-        """All ranks check sizes of every file and checksums of their share; returns all problems."""
+    def _local_problems(self, info: CheckpointInfo) -> list[str]:
+        """This rank's part of a verification: every file's size, and the checksums of its share."""
         names = sorted(info.marker.get("files", {}))
-        mine = names[self.rt.rank::self.rt.world_size]
         local = integrity.problems(info.path, info.marker["files"], names, checksums=False)
-        local += integrity.problems(info.path, info.marker["files"], mine, checksums=True)
+        return local + integrity.problems(info.path, info.marker["files"], names[self.rt.rank::self.rt.world_size])
+
+    def _gather_problems(self, local: list[str]) -> list[str]:
         gathered: list[list[str]] = [[] for _ in range(self.rt.world_size)]
         dist.all_gather_object(gathered, local, group=self.rt.checkpoint_group)
         return sorted({problem for rank_problems in gathered for problem in rank_problems})
+
+    def _verify(self, info: CheckpointInfo) -> list[str]:
+        return self._gather_problems(self._local_problems(info))
 
     def verify_readable(self, step: int) -> None:
         """Re-read a just-committed checkpoint (all ranks): broken storage fails now, not at the first resume."""
@@ -196,26 +201,49 @@ class CheckpointManager:
 
     def restore(self) -> CheckpointInfo | None:
         """Load the checkpoint to resume from into the live model/optimizer, or return None."""
+        started = time.perf_counter()
         candidates = on_primary(self.rt, self._candidates)
+        damaged: list[str] = []
         for info in candidates:
             check_compatible(self.cfg, info)
-            problems = self._verify(info)
+            problems = self._verified_load(info)
             if problems:
                 if self.cfg.resume_from is not None:
                     raise UserError(f"--resume-from {self.cfg.resume_from}: {problems[0]}; pick another checkpoint")
                 if self.rt.is_primary:
                     log.warning("skipping damaged checkpoint step %d: %s", info.step, "; ".join(problems))
+                damaged.append(f"step {info.step}")
                 continue
-            started = time.perf_counter()
-            dcp.load({STATE_KEY: self.app_state}, checkpoint_id=info.path, process_group=self.rt.checkpoint_group)
+            self.last_restore_seconds = time.perf_counter() - started
             self.resumed_from = {"step": info.step, "world_size": int(info.marker["world_size"])}
             if self.rt.is_primary and self.cfg.resume_from is not None:
                 self._set_aside_newer(info.step)
             if self.rt.is_primary:
                 log.info("resumed from step %d (written by world size %d) -> now world size %d, load %.2fs",
-                         info.step, info.marker["world_size"], self.rt.world_size, time.perf_counter() - started)
+                         info.step, info.marker["world_size"], self.rt.world_size, self.last_restore_seconds)
             return info
+        if damaged:  # the live state may hold parts of a damaged load: never train on from it
+            raise UserError(f"no intact checkpoint in {self.root} (damaged: {', '.join(damaged)}); "
+                            "restore the files, or pass --no-resume to start over")
         return None
+
+    def _verified_load(self, info: CheckpointInfo) -> list[str]:
+        """Load while checksumming in a background thread (one pass over the disk); return problems found.
+
+        A damaged checkpoint can also make ``dcp.load`` itself fail; that counts as damage
+        only when verification found a problem, otherwise the error is real and raised.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+            local = pool.submit(self._local_problems, info)
+            load_error: BaseException | None = None
+            try:
+                dcp.load({STATE_KEY: self.app_state}, checkpoint_id=info.path, process_group=self.rt.checkpoint_group)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - judged below
+                load_error = exc
+            problems = self._gather_problems(local.result())
+        if load_error is not None and not problems:
+            raise load_error
+        return problems
 
     def _set_aside_newer(self, step: int) -> None:
         """After rewinding to an older step, move newer checkpoints out of the resume path (kept, not deleted)."""

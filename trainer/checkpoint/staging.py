@@ -23,6 +23,7 @@ class ReusableHostStager(AsyncStager):
 
     def prepare(self, state_dict: dict[str, Any]) -> None:
         self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        _copy_state_dict(state_dict, self._buffers)  # fault every page in now, not during the first save
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         if self._buffers is None:

@@ -1,0 +1,55 @@
+"""Use a checkpoint without a process group: rebuild the plain model and run it.
+
+The model is rebuilt from the config recorded in the checkpoint's commit marker,
+and its weights are assembled from all shards by ``dcp.load(no_dist=True)``, so a
+checkpoint written by any world size loads in one ordinary process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.checkpoint.layout import open_checkpoint
+from trainer.checkpoint.reader import read_model_weights
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.models import TOY_IN, build_model
+
+
+def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The unwrapped model with the checkpoint's weights, in eval mode, plus its training config."""
+    info = open_checkpoint(checkpoint)
+    cfg = TrainConfig(**info.marker["config"])
+    model = build_model(cfg)
+    model.load_state_dict(read_model_weights(info.path))
+    return model.eval(), cfg
+
+
+def parse_input(cfg: TrainConfig, text: str) -> torch.Tensor:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--input {text!r}: expected numbers separated by commas or spaces") from None
+    if cfg.model == "toy":
+        if len(values) != TOY_IN:
+            raise UserError(f"--input: the toy model takes {TOY_IN} numbers, got {len(values)}")
+        return torch.tensor([values], dtype=torch.float32)
+    tokens = [int(v) for v in values]
+    if not tokens or any(t < 0 or t >= cfg.vocab_size for t in tokens) or len(tokens) > cfg.seq_len:
+        raise UserError(f"--input: give 1..{cfg.seq_len} token ids in [0, {cfg.vocab_size})")
+    return torch.tensor([tokens], dtype=torch.long)
+
+
+@torch.no_grad()
+def run(model: nn.Module, cfg: TrainConfig, inputs: torch.Tensor, generate: int = 0) -> list:
+    """Toy: the 8 outputs. Transformer: greedy continuation of ``generate`` tokens (at least one)."""
+    if cfg.model == "toy":
+        return [round(v, 6) for v in model(inputs)[0].tolist()]
+    tokens = inputs
+    for _ in range(max(1, generate)):
+        logits = model(tokens[:, -cfg.seq_len:])
+        tokens = torch.cat([tokens, logits[:, -1:].argmax(dim=-1)], dim=1)
+    return tokens[0, inputs.shape[1]:].tolist()
