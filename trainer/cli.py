@@ -67,7 +67,7 @@ def _ckpt_show(args: argparse.Namespace) -> int:
 def _ckpt_verify(args: argparse.Namespace) -> int:
     from trainer.inspect_ckpt import verify
 
-    ok, report = verify(args.target)
+    ok, report = verify(args.target, newest_only=args.newest)
     print(report)
     return 0 if ok else 1
 
@@ -155,6 +155,7 @@ def build_parser() -> OneLineParser:
     verify = _add(ckpt_commands, "verify", _ckpt_verify,
                   "re-read every file against its recorded size and CRC32; exit 1 naming each bad file")
     verify.add_argument("target", metavar="CKPT|DIR")
+    verify.add_argument("--newest", action="store_true", help="with DIR: only the newest committed checkpoint")
     diff = _add(ckpt_commands, "diff", _ckpt_diff, "per-tensor max abs/rel difference between two checkpoints")
     diff.add_argument("a", metavar="A")
     diff.add_argument("b", metavar="B")

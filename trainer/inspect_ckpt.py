@@ -55,10 +55,11 @@ def _targets(path: str) -> list[CheckpointInfo]:
     return found
 
 
-def verify(path: str) -> tuple[bool, str]:
-    """Re-read every file of one checkpoint, or of every committed one in a directory."""
+def verify(path: str, newest_only: bool = False) -> tuple[bool, str]:
+    """Re-read every file of one checkpoint, or of every (or the newest) committed one in a directory."""
     ok, lines = True, []
-    for info in _targets(path):
+    targets = _targets(path)
+    for info in targets[-1:] if newest_only else targets:
         problems = integrity.problems(info.path, info.marker["files"])
         ok = ok and not problems
         status = "OK" if not problems else "BAD"
