@@ -8,11 +8,15 @@ CHECKPOINT_DIR ?= ./checkpoints
 NPROC ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+IMAGE ?= fsdp-train:0.1.0
+RELEASE ?= fsdp-train
+REPLICAS ?= 3
 
-.PHONY: help install train test bench clean
+.PHONY: help install train test bench image kind-up kind-load deploy scale watch undeploy kind-down \
+	chart-test e2e-docker e2e-kind clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml hack/install.sh
 	PYTHON=$(PYTHON) hack/install.sh $(VENV)
@@ -25,6 +29,43 @@ train: install ## train locally on CPU (NPROC workers, checkpoints in CHECKPOINT
 
 test: install ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install ## checkpoint benchmark (1.5 GB state, 2 ranks) and the training-overhead benchmark
+	$(BIN)/python -m bench.checkpoint --json bench-checkpoint.json
+	$(BIN)/python -m bench.overhead --json bench-overhead.json
+
+image: install ## build IMAGE (public base, or offline: local debootstrap base + host wheelhouse)
+	hack/image.sh $(IMAGE)
+
+kind-up: ## create the kind cluster from k8s/ (needs kind and Docker)
+	hack/kind.sh up
+
+kind-load: ## load IMAGE into the kind cluster
+	hack/kind.sh load $(IMAGE)
+
+deploy: ## helm install the chart into the kind cluster (k8s/values-kind.yaml)
+	hack/kind.sh deploy $(RELEASE)
+
+scale: ## helm upgrade to REPLICAS worker pods; the job resumes resharded
+	hack/kind.sh scale $(RELEASE) $(REPLICAS)
+
+watch: ## follow the worker logs of the release
+	hack/kind.sh watch $(RELEASE)
+
+undeploy: ## helm uninstall (the checkpoint claim is kept)
+	hack/kind.sh undeploy $(RELEASE)
+
+kind-down: ## delete the kind cluster
+	hack/kind.sh down
+
+chart-test: install ## helm lint, render every mode, validate against Kubernetes/Kubeflow schemas
+	$(BIN)/python -m pytest tests/test_chart.py
+
+e2e-docker: install ## the rendered chart's pods as containers: scale, kill, drain, resume
+	$(BIN)/python -m pytest -rs -s tests/test_e2e_docker.py
+
+e2e-kind: install ## kind end to end; exits 77 with the reason where kind is not available
+	$(BIN)/python tests/e2e/kind_e2e.py
 
 clean: ## remove local checkpoints and caches (keeps .venv)
 	rm -rf $(CHECKPOINT_DIR) .pytest_cache
