@@ -91,7 +91,7 @@ def test_rendered_objects_are_schema_valid(helm, kind, gpu, replicas):
 def test_container_command_env_and_mounts_are_what_the_trainer_accepts(helm, kind, gpu, tmp_path, monkeypatch):
     from torch.distributed.run import get_args_parser
 
-    from trainer.cli import build_parser
+    from trainer.cli import parse_args
     from trainer.config import resolve_config
 
     docs = render(helm, f"workload.kind={kind}", f"gpu.enabled={str(gpu).lower()}")
@@ -105,7 +105,9 @@ def test_container_command_env_and_mounts_are_what_the_trainer_accepts(helm, kin
     assert "/etc/fsdp-train" in mounts and "/dev/shm" in mounts
     env = {item["name"]: item["value"] for item in container["env"]}
     trainer_env = {k: v for k, v in env.items() if k.startswith("FSDP_TRAIN_")}
-    cfg = resolve_config(build_parser().parse_args(["train", *args]), environ=trainer_env)
+    launch = parse_args([*container["command"][1:], *args])  # exactly how the entrypoint parses it
+    assert launch.command == "launch"
+    cfg = resolve_config(parse_args(["train", *launch.train_args]), environ=trainer_env)
     assert cfg.checkpoint_dir in mounts, "the checkpoint dir must be the mounted volume"
     assert cfg.device == ("cuda" if gpu else "cpu")
     pet = {k: v for k, v in env.items() if k.startswith("PET_")}
@@ -155,9 +157,9 @@ def test_helm_test_hook_verifies_the_newest_checkpoint(helm):
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     command = hook["spec"]["containers"][0]["command"]
     assert command == ["fsdp-train", "ckpt", "verify", "--newest", "/checkpoints"]
-    from trainer.cli import build_parser
+    from trainer.cli import parse_args
 
-    parsed = build_parser().parse_args(command[1:])
+    parsed = parse_args(command[1:])
     assert parsed.newest and parsed.target == "/checkpoints"
 
 

@@ -32,8 +32,10 @@ def _local(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from trainer.config import resolve_config
     from trainer.launch import exec_launch
 
+    resolve_config(parse_args(["train", *args.train_args]))  # a bad flag fails here, once, in one line
     exec_launch(args.train_args)
     return 1  # not reached
 
@@ -190,10 +192,18 @@ def build_parser() -> OneLineParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse a command line; ``launch`` passes every flag after it on to ``train``."""
     args, unknown = build_parser().parse_known_args(argv)
-    if unknown:
+    if args.command == "launch":
+        args.train_args = unknown + args.train_args
+    elif unknown:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:

@@ -1,0 +1,251 @@
+"""End to end on real containers: the chart's Indexed Job pods, scaled, killed, drained and resumed.
+
+Each pod of the Job that ``helm template`` renders becomes a container running exactly the
+rendered command, args and env. Only what Kubernetes itself provides is substituted: the pod's
+hostname and completion index, the headless Service's DNS names (network aliases on a private
+Docker network), the ConfigMap (a read-only mount) and the PVC (one host directory shared by all).
+What Kubernetes would do on each event is done by hand: start the pod of a new index after
+``helm upgrade --set replicas=N``, replace a killed pod, stop pods with SIGTERM on a drain.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from test_chart import by_kind, render
+from trainer.checkpoint.layout import committed_checkpoints
+from trainer.metrics import read_metrics
+
+IMAGE = "fsdp-train:0.1.0"
+MAX_STEPS = 1000
+EVERY = 20
+TOLERANCE = 1e-5  # the trainer's resume-equivalence tolerance (tests/test_equivalence.py)
+VALUES = [f"image.repository={IMAGE.split(':')[0]}", f"image.tag={IMAGE.split(':')[1]}",
+          f"checkpoint.every={EVERY}", "elastic.lastCallTimeout=5", "terminationGracePeriodSeconds=40",
+          "trainer.model=transformer", "trainer.d_model=64", "trainer.n_layers=2", "trainer.n_heads=4",
+          "trainer.seq_len=32", "trainer.vocab_size=64", "trainer.global_batch_size=12",
+          f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1", "trainer.warmup_steps=10",
+          "trainer.shutdown_grace=25", "trainer.checkpoint_first_step=false"]
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args[:3])} failed: {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def docker_ready() -> None:
+    if shutil.which("docker") is None or docker("info", check=False).returncode != 0:
+        pytest.skip("no Docker engine: run `make image` (it installs and starts one as root) to enable this test")
+    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
+        pytest.skip(f"image {IMAGE} is not built: run `make image` first")
+
+
+class FakeCluster:
+    """Just enough of Kubernetes to run the rendered Indexed Job's pods as containers."""
+
+    def __init__(self, helm: str, workdir: Path) -> None:
+        self.helm = helm
+        self.suffix = uuid.uuid4().hex[:6]
+        self.network = f"fsdp-e2e-{self.suffix}"
+        self.pvc = workdir / "pvc"
+        self.configmap = workdir / "configmap"
+        self.pvc.mkdir(mode=0o777)
+        self.pvc.chmod(0o777)
+        self.configmap.mkdir()
+        self.containers: dict[int, str] = {}
+        docker("network", "create", self.network)
+
+    def apply(self, replicas: int) -> dict:
+        """`helm upgrade --set replicas=N`: render, check the pod template is unchanged, return the Job."""
+        docs = render(self.helm, *VALUES, f"replicas={replicas}")
+        job, service = by_kind(docs, "Job")[0], by_kind(docs, "Service")[0]
+        config = by_kind(docs, "ConfigMap")[0]
+        for name, content in config["data"].items():
+            (self.configmap / name).write_text(content)
+        if hasattr(self, "job"):
+            assert job["spec"]["template"] == self.job["spec"]["template"], "a scale must not touch the pod template"
+        self.job, self.service = job, service["metadata"]["name"]
+        return job
+
+    def start_pod(self, index: int) -> None:
+        """What the Job controller does for a missing index: a fresh pod with the rendered container."""
+        spec = self.job["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        hostname = f"{self.job['metadata']['name']}-{index}"
+        name = f"{hostname}-{self.suffix}"
+        docker("rm", "-f", name, check=False)
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoints"]["persistentVolumeClaim"] and volumes["config"]["configMap"]
+        security = container["securityContext"]
+        args = ["run", "-d", "--name", name, "--hostname", hostname, "--network", self.network,
+                "--network-alias", f"{hostname}.{self.service}",
+                "--user", f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}",
+                "--shm-size", str(volumes["dshm"]["emptyDir"]["sizeLimit"]).replace("Gi", "g"),
+                "-v", f"{self.pvc}:{mounts['checkpoints']}", "-v", f"{self.configmap}:{mounts['config']}:ro",
+                "--tmpfs", f"{mounts['tmp']}:exec,mode=1777",
+                "--stop-timeout", str(spec["terminationGracePeriodSeconds"]),
+                "-e", f"JOB_COMPLETION_INDEX={index}"]
+        if security["readOnlyRootFilesystem"]:
+            args.append("--read-only")
+        if "ALL" in security["capabilities"]["drop"]:
+            args += ["--cap-drop", "ALL"]
+        if not security["allowPrivilegeEscalation"]:
+            args += ["--security-opt", "no-new-privileges"]
+        for item in container["env"]:
+            args += ["-e", f"{item['name']}={item['value']}"]
+        args += ["--entrypoint", container["command"][0], container["image"], *container["command"][1:],
+                 *container["args"]]
+        docker(*args)
+        self.containers[index] = name
+
+    def stop_pods(self, indices: list[int], signal_name: str) -> None:
+        for index in indices:
+            docker("kill", "-s", signal_name, self.containers[index], check=False)
+
+    def wait_exit(self, index: int, timeout: float) -> int:
+        return int(docker("wait", self.containers[index], timeout=timeout).stdout.strip())
+
+    def exited(self) -> list[str]:
+        names = docker("ps", "-a", "--filter", "status=exited", "--format", "{{.Names}}").stdout.split()
+        return [name for name in self.containers.values() if name in names]
+
+    def logs(self) -> str:
+        return "\n".join(docker("logs", name, check=False).stderr for name in self.containers.values())
+
+    def remove(self) -> None:
+        for name in self.containers.values():
+            docker("rm", "-f", name, check=False)
+        docker("network", "rm", self.network, check=False)
+
+
+def wait_until(predicate, timeout: float, what: str, cluster: FakeCluster):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if cluster.exited():
+            raise AssertionError(f"pods exited while waiting for {what}: {cluster.exited()}\n{cluster.logs()[-6000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{cluster.logs()[-6000:]}")
+
+
+def step_records(pvc: Path) -> list[dict]:
+    return [r for r in read_metrics(pvc) if r.get("event") == "step"]
+
+
+def last_step(pvc: Path) -> int:
+    steps = step_records(pvc)
+    return steps[-1]["step"] if steps else 0
+
+
+def first_step_after(pvc: Path, since: float, world_size: int | None = None) -> dict | None:
+    for record in step_records(pvc):
+        if record["time"] > since and (world_size is None or record["world_size"] == world_size):
+            return record
+    return None
+
+
+def newest_commit(pvc: Path) -> dict | None:
+    committed = committed_checkpoints(pvc)
+    return committed[-1].marker if committed else None
+
+
+def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path):
+    proc = subprocess.run([str(ROOT / "hack" / "tools.sh")], capture_output=True, text=True, timeout=300)
+    helm = str(Path(proc.stdout.strip()) / "helm")
+    cluster = FakeCluster(helm, tmp_path)
+    pvc, summary, started = cluster.pvc, [], time.monotonic()
+    try:
+        # 1. two replicas train past the first checkpoints
+        cluster.apply(2)
+        for index in (0, 1):
+            cluster.start_pod(index)
+        wait_until(lambda: (newest_commit(pvc) or {}).get("step", 0) >= 2 * EVERY, 300,
+                   "two checkpoints at world size 2", cluster)
+        assert newest_commit(pvc)["world_size"] == 2
+
+        # 2. helm upgrade --set replicas=3: the Job controller starts index 2
+        job = cluster.apply(3)
+        assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (3, 3)
+        event = time.time()
+        cluster.start_pod(2)
+        resumed = wait_until(lambda: first_step_after(pvc, event, world_size=3), 300, "training at world size 3",
+                             cluster)
+        marker = wait_until(lambda: (m := newest_commit(pvc)) and m["world_size"] == 3 and m, 300,
+                            "a checkpoint at world size 3", cluster)
+        assert marker["resumed_from"]["world_size"] == 2, marker
+        summary.append(("scale 2->3", resumed["time"] - event, 0))
+
+        # 3. SIGKILL one worker pod mid-training; the Job controller replaces it
+        wait_until(lambda: last_step(pvc) >= marker["step"] + 5, 120, "training to go on", cluster)
+        newest_before = newest_commit(pvc)["step"]
+        step_at_kill = last_step(pvc)
+        event = time.time()
+        cluster.stop_pods([1], "KILL")
+        assert cluster.wait_exit(1, 30) == 137
+        cluster.start_pod(1)
+        resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
+                             "recovery after SIGKILL", cluster)
+        lost = step_at_kill - (resumed["step"] - 1)
+        assert resumed["step"] - 1 >= newest_before, "must resume from the newest committed checkpoint"
+        assert lost <= EVERY, f"lost {lost} steps, more than one checkpoint interval"
+        summary.append(("SIGKILL pod 1", resumed["time"] - event, lost))
+
+        # 4. a node drain: SIGTERM to every pod -> an emergency checkpoint is committed
+        wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
+        event = time.time()
+        cluster.stop_pods([0, 1, 2], "TERM")
+        codes = [cluster.wait_exit(index, 60) for index in (0, 1, 2)]
+        drained = newest_commit(pvc)
+        assert drained["reason"] == "preempted" and drained["world_size"] == 3, drained
+        assert drained["step"] == last_step(pvc), "the emergency checkpoint holds the last completed step"
+        summary.append(("drain (SIGTERM all)", 0.0, 0))
+
+        # 5. scale down to 1 and run to completion
+        cluster.apply(1)
+        event = time.time()
+        cluster.start_pod(0)
+        assert cluster.wait_exit(0, 600) == 0, cluster.logs()[-4000:]
+        resumed = first_step_after(pvc, event, world_size=1)
+        assert resumed["step"] == drained["step"] + 1, "resumed right after the emergency checkpoint"
+        summary.append(("scale 3->1", resumed["time"] - event, 0))
+        final = newest_commit(pvc)
+        assert final["step"] == MAX_STEPS and final["world_size"] == 1 and final["reason"] == "final"
+    finally:
+        logs = cluster.logs()
+        cluster.remove()
+
+    # The same config, uninterrupted, on this machine: the final loss must match.
+    reference = tmp_path / "reference"
+    config = tmp_path / "configmap" / "config.yaml"
+    run_cli("local", "--nproc", "2", "--config", str(config), "--checkpoint-dir", str(reference),
+            "--no-progress", timeout=600, check=True)
+    ref_loss, loss = step_records(reference)[-1]["loss"], step_records(pvc)[-1]["loss"]
+    worlds = sorted({r["world_size"] for r in step_records(pvc)})
+    resumes = [r for r in read_metrics(pvc) if r.get("event") == "start" and r.get("resumed_from")]
+    lines = [f"e2e-docker summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
+             f"{len(resumes)} resumes, drain exit codes {codes}",
+             *(f"  {what:22} recovery {seconds:6.1f}s  steps lost {lost}" for what, seconds, lost in summary),
+             f"  final loss {loss:.7f} vs uninterrupted {ref_loss:.7f} (|diff| {abs(loss - ref_loss):.1e}, "
+             f"tolerance {TOLERANCE:.0e})"]
+    print("\n" + "\n".join(lines))
+    (ROOT / "build").mkdir(exist_ok=True)
+    (ROOT / "build" / "e2e-docker-summary.json").write_text(json.dumps(
+        {"worlds": worlds, "resumes": len(resumes), "events": summary, "loss": loss, "reference_loss": ref_loss}))
+    assert {1, 2, 3} <= set(worlds)
+    assert "resumed from step" in logs
+    assert abs(loss - ref_loss) <= TOLERANCE
