@@ -28,6 +28,8 @@ class StepReporter:
             self._redirect.__enter__()
 
     def step(self, step: int, loss: float, world_size: int, lr: float, metrics: MetricsWriter) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)  # the bar moves every step; records follow --log-every
         if not self.enabled or (step % self.cfg.log_every and step != self.cfg.max_steps):
             return
         now = time.perf_counter()
@@ -35,7 +37,6 @@ class StepReporter:
         self._last_time, self._last_step = now, step
         metrics.step(step, loss, world_size, rate, lr)
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{loss:.4f}", world=world_size, samples_s=f"{rate:.0f}")
         else:
             log.info("step %d/%d | loss %.5f | world %d | %.0f samples/s | lr %.2e",
