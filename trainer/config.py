@@ -112,11 +112,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
-            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+            # "--no-resume" is itself the negative form; other switches get --x / --no-x.
+            action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=action,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
+            choices = f.metadata.get("choices")
             parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+                                choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
@@ -190,7 +193,8 @@ def config_to_args(config: TrainConfig) -> list[str]:
         if value == getattr(defaults, f.name):
             continue
         if isinstance(value, bool):
-            argv.append(f"--{_flag(f.name)}" if value else f"--no-{_flag(f.name)}")
+            if value or not f.name.startswith("no_"):
+                argv.append(f"--{_flag(f.name)}" if value else f"--no-{_flag(f.name)}")
         else:
             argv += [f"--{_flag(f.name)}", str(value)]
     return argv
