@@ -99,8 +99,12 @@ def worker_pids(marker: str) -> dict[int, int]:
     return found
 
 
+def step_records(ckpt: Path) -> list[dict]:
+    from trainer.metrics import read_metrics
+
+    return [r for r in read_metrics(ckpt) if r.get("event") == "step"]
+
+
 def last_step(ckpt: Path) -> int:
-    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()
-               if line.startswith("{")] if (ckpt / "metrics.jsonl").exists() else []
-    steps = [r["step"] for r in records if r.get("event") == "step"]
-    return steps[-1] if steps else 0
+    steps = step_records(ckpt)
+    return steps[-1]["step"] if steps else 0

@@ -22,20 +22,21 @@ def helm() -> str:
     return str(Path(proc.stdout.strip()) / "helm")
 
 
-def render(helm: str, *sets: str) -> list[dict]:
+def helm_template(helm: str, *sets: str) -> subprocess.CompletedProcess:
     args = [helm, "template", "t", str(CHART)]
     for value in sets:
         args += ["--set", value]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def render(helm: str, *sets: str) -> list[dict]:
+    proc = helm_template(helm, *sets)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def render_error(helm: str, *sets: str) -> str:
-    args = [helm, "template", "t", str(CHART)]
-    for value in sets:
-        args += ["--set", value]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    proc = helm_template(helm, *sets)
     assert proc.returncode != 0, f"helm template accepted {sets}"
     return proc.stderr
 

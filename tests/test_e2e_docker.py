@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, last_step, run_cli, step_records
 from test_chart import by_kind, render
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.metrics import read_metrics
@@ -141,15 +141,6 @@ def wait_until(predicate, timeout: float, what: str, cluster: FakeCluster):
             raise AssertionError(f"pods exited while waiting for {what}: {cluster.exited()}\n{cluster.logs()[-6000:]}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{cluster.logs()[-6000:]}")
-
-
-def step_records(pvc: Path) -> list[dict]:
-    return [r for r in read_metrics(pvc) if r.get("event") == "step"]
-
-
-def last_step(pvc: Path) -> int:
-    steps = step_records(pvc)
-    return steps[-1]["step"] if steps else 0
 
 
 def first_step_after(pvc: Path, since: float, world_size: int | None = None) -> dict | None:

@@ -9,7 +9,7 @@ import torch
 
 from trainer.checkpoint import integrity
 from trainer.checkpoint.layout import CheckpointInfo, committed_checkpoints, open_checkpoint
-from trainer.checkpoint.reader import read_metadata, read_tensors, tensor_entries
+from trainer.checkpoint.reader import read_metadata, read_tensors, require_dcp_dir, tensor_entries
 from trainer.errors import UserError
 
 
@@ -68,15 +68,9 @@ def verify(path: str, newest_only: bool = False) -> tuple[bool, str]:
     return ok, "\n".join(lines)
 
 
-def _dcp_dir(path: str) -> Path:
-    if not (Path(path) / ".metadata").is_file():
-        raise UserError(f"{path}: not a DCP checkpoint (no .metadata); pick one from 'fsdp-train ckpt list'")
-    return Path(path)
-
-
 def diff(a: str, b: str) -> str:
     """Compare every tensor of two DCP checkpoints (any world size or layout)."""
-    left, right = read_tensors(_dcp_dir(a)), read_tensors(_dcp_dir(b))
+    left, right = read_tensors(require_dcp_dir(a)), read_tensors(require_dcp_dir(b))
     only = sorted(set(left) ^ set(right))
     lines = [f"{'tensor':56} {'max abs diff':>14} {'max rel diff':>14}"]
     worst = 0.0

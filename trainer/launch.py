@@ -27,10 +27,6 @@ from trainer.seeding import check_matches, read_model_state
 from trainer.train import prepare_checkpoint_dir
 
 
-def worker_command(train_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "trainer", "train", *train_args]
-
-
 def torchrun_prefix(*extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *extra]
 

@@ -12,14 +12,19 @@ from trainer.checkpoint.app_state import STATE_KEY
 from trainer.errors import UserError
 
 
+def load_torch_file(path: str, label: str) -> object:
+    """``torch.load(weights_only=True)`` with one-line errors that start with ``label``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{label}: no such file; pass a .pth written by torch.save") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise UserError(f"{label}: not a loadable torch.save file ({type(exc).__name__})") from None
+
+
 def read_model_state(path: str) -> dict[str, torch.Tensor]:
     """A plain model state dict, or the model part of a ``fsdp-train convert dcp-to-torch`` file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--init-from {path}: no such file; pass a .pth written by torch.save") from None
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise UserError(f"--init-from {path}: not a loadable torch.save file ({type(exc).__name__})") from None
+    state = load_torch_file(path, f"--init-from {path}")
     if isinstance(state, dict) and STATE_KEY in state and "model" in state[STATE_KEY]:
         state = state[STATE_KEY]["model"]
     if not isinstance(state, dict):

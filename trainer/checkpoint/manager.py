@@ -126,20 +126,18 @@ class CheckpointManager:
                                        process_group=self.rt.checkpoint_group, async_stager=self._stager)
         self._pending_step = step
 
-    def wait(self) -> bool:
-        """Finish the in-flight save; a failed one is logged and training goes on. True if none failed."""
+    def wait(self) -> None:
+        """Finish the in-flight save; a failed one is logged and training goes on."""
         if self._pending is None:
-            return True
+            return
         pending, step = self._pending, self._pending_step
         self._pending = self._pending_step = None
         try:
             pending.result()
-            return True
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a failed save must not stop training
             message = self._discard_failed(step, exc)
             if self.rt.is_primary:
                 log.error("%s; training continues", message)
-            return False
 
     def _discard_failed(self, step: int, exc: BaseException) -> str:
         """Remove the partial directory (rank 0) and return the one-line reason."""

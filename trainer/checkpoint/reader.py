@@ -14,6 +14,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from trainer.errors import UserError
+
+
+def require_dcp_dir(path: str | Path) -> Path:
+    """``path`` as a DCP checkpoint directory, or a one-line error."""
+    if not (Path(path) / ".metadata").is_file():
+        raise UserError(f"{path}: not a DCP checkpoint (no .metadata); pick one from 'fsdp-train ckpt list'")
+    return Path(path)
+
 
 def read_metadata(path: str | Path) -> Metadata:
     return dcp.FileSystemReader(str(path)).read_metadata()
