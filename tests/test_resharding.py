@@ -34,6 +34,7 @@ def test_resume_at_other_world_size_is_bitwise_exact(saved_at_two, tmp_path, wor
     ckpt, before_stop = saved_at_two
     after = dump_state(world_size, tmp_path / "after.pt", "resume", *FLAGS, "--checkpoint-dir", str(ckpt))
     assert after["resumed_from"] == {"step": 6, "world_size": 2}
+    assert after["whole_items"] == [], "every tensor must be read by row range, straight into its shard"
     assert (after["step"], after["samples_seen"]) == (6, 6 * 12)
     assert after["scheduler_last_epoch"] == before_stop["scheduler_last_epoch"]
     assert len(after["model"]) == 2 + 2 * 11 + 3  # embeddings, 11 tensors per block, final norm + head

@@ -29,7 +29,8 @@ def main() -> None:
         torch.save({"model": model_state, "optim": optim_state["state"],
                     "step": trainer.progress.step, "samples_seen": trainer.progress.samples_seen,
                     "scheduler_last_epoch": trainer.scheduler.last_epoch,
-                    "resumed_from": trainer.checkpoints.resumed_from}, out)
+                    "resumed_from": trainer.checkpoints.resumed_from,
+                    "whole_items": trainer.checkpoints.restore_whole_items}, out)
     trainer.close()
 
 

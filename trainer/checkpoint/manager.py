@@ -31,6 +31,7 @@ from trainer.checkpoint.layout import (
     resolve_resume_target,
     step_dir,
 )
+from trainer.checkpoint.range_reader import RangeReader
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
 from trainer.config import TrainConfig
@@ -82,6 +83,7 @@ class CheckpointManager:
         self.resumed_from: dict[str, int] | None = None
         self.last_loss: float | None = None
         self.last_restore_seconds = 0.0
+        self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
         self._planner = DefaultSavePlanner(enable_plan_caching=True)
         self._pending: Future | None = None
@@ -235,7 +237,9 @@ class CheckpointManager:
             local = pool.submit(self._local_problems, info)
             load_error: BaseException | None = None
             try:
-                dcp.load({STATE_KEY: self.app_state}, checkpoint_id=info.path, process_group=self.rt.checkpoint_group)
+                reader = RangeReader(info.path)
+                dcp.load({STATE_KEY: self.app_state}, storage_reader=reader, process_group=self.rt.checkpoint_group)
+                self.restore_whole_items = reader.whole_items
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - judged below
                 load_error = exc
             problems = self._gather_problems(local.result())
