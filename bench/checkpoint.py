@@ -141,37 +141,52 @@ def phase_save(args: argparse.Namespace) -> None:
     target = torch.empty_like(source)
     target.zero_()  # touch every page first: the bound is bandwidth, not page faults
     copy_seconds = min(_timed(lambda: target.copy_(source)) for _ in range(3))
-    bound_file = work / f"bound-{rank}.bin"
     payload = source.numpy().tobytes()
+    samples = iter(range(10**6))
 
     def write_bound() -> None:
-        with open(bound_file, "wb") as out:
+        # A new file each time, the previous one deleted, as checkpoints do: rewriting one file
+        # in place reuses its just-freed page-cache pages and reads faster than any checkpoint can.
+        previous = sorted(work.glob(f"bound-{rank}-*.bin"))
+        with open(work / f"bound-{rank}-{next(samples):06d}.bin", "wb") as out:
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())
+        for path in previous:
+            path.unlink()
 
-    # This disk's fsync'd throughput varies by 2-3x from one write to the next, so every figure
-    # is the best of several tries, and the write bound is sampled before and after the saves.
-    write_seconds = [_max_over_ranks(_timed(write_bound)) for _ in range(args.repeats)]
+    # This disk's fsync'd throughput drifts by 2-3x within a run, so the methods take turns:
+    # every round samples the write bound and then one warm save of each method, and each
+    # figure is the best over the rounds. A drift then hits every method alike.
     methods = [("fsdp_train", fsdp_train), ("dcp_async_save", dcp_async_save), ("dcp_save", dcp_save),
                ("torch_save", torch_save)]
     if args.order == "reverse":
         methods.reverse()
-    for name, method in methods:
-        first_block, first_durable = (_max_over_ranks(v) for v in method("first"))
-        repeats = 1 if name == "torch_save" else args.repeats
-        warm = [tuple(_max_over_ranks(v) for v in method(f"warm{i}")) for i in range(repeats)]
-        results[name] = {
-            "blocking_first_s": first_block, "durable_first_s": first_durable,
-            "blocking_warm_s": min(block for block, _ in warm), "durable_s": min(durable for _, durable in warm),
-        }
+
+    def sample(name: str, method, tag: str) -> tuple[float, float]:
+        blocking, durable = (_max_over_ranks(v) for v in method(tag))
         if rank == 0 and name != "fsdp_train":
             for leftover in work.glob(f"{name.split('_')[0]}*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         dist.barrier()
-    write_seconds += [_max_over_ranks(_timed(write_bound)) for _ in range(args.repeats)]
+        return blocking, durable
+
+    first = {name: sample(name, method, "first") for name, method in methods}
+    warm: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in methods}
+    write_seconds = []
+    for round_index in range(args.repeats):
+        write_seconds.append(_max_over_ranks(_timed(write_bound)))
+        for name, method in methods:
+            if name != "torch_save" or round_index == 0:  # seconds per sample; one warm sample is enough
+                warm[name].append(sample(name, method, f"warm{round_index}"))
+    for name, _ in methods:
+        results[name] = {
+            "blocking_first_s": first[name][0], "durable_first_s": first[name][1],
+            "blocking_warm_s": min(block for block, _ in warm[name]),
+            "durable_s": min(durable for _, durable in warm[name]),
+        }
     results["bounds"] = {"memcpy_s": _max_over_ranks(copy_seconds), "disk_write_s": min(write_seconds)}
-    results["fsdp_train_checkpoint"] = str(work / "fsdp_train" / "step-00001002")
+    results["fsdp_train_checkpoint"] = str(work / "fsdp_train" / f"step-{1002 + args.repeats - 1:08d}")
     results["repeats"] = args.repeats
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))

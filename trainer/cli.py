@@ -155,7 +155,7 @@ def build_parser() -> OneLineParser:
     show = _add(ckpt_commands, "show", _ckpt_show, "tensors, sharding, commit marker and lineage of a checkpoint")
     show.add_argument("checkpoint", metavar="CKPT")
     verify = _add(ckpt_commands, "verify", _ckpt_verify,
-                  "re-read every file against its recorded size and CRC32; exit 1 naming each bad file")
+                  "re-read every file against its recorded size and checksum; exit 1 naming each bad file")
     verify.add_argument("target", metavar="CKPT|DIR")
     verify.add_argument("--newest", action="store_true", help="with DIR: only the newest committed checkpoint")
     diff = _add(ckpt_commands, "diff", _ckpt_diff, "per-tensor max abs/rel difference between two checkpoints")
