@@ -11,6 +11,7 @@ Every figure comes from the same run, so ratios between them are meaningful.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -87,6 +88,7 @@ def phase_save(args: argparse.Namespace) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from trainer.checkpoint.app_state import STATE_KEY
+    from trainer.checkpoint.layout import step_dir
     from trainer.train import Trainer
 
     work = Path(args.work)
@@ -142,7 +144,7 @@ def phase_save(args: argparse.Namespace) -> None:
     target.zero_()  # touch every page first: the bound is bandwidth, not page faults
     copy_seconds = min(_timed(lambda: target.copy_(source)) for _ in range(3))
     payload = source.numpy().tobytes()
-    samples = iter(range(10**6))
+    samples = itertools.count()
 
     def write_bound() -> None:
         # A new file each time, the previous one deleted, as checkpoints do: rewriting one file
@@ -186,7 +188,7 @@ def phase_save(args: argparse.Namespace) -> None:
             "durable_s": min(durable for _, durable in warm[name]),
         }
     results["bounds"] = {"memcpy_s": _max_over_ranks(copy_seconds), "disk_write_s": min(write_seconds)}
-    results["fsdp_train_checkpoint"] = str(work / "fsdp_train" / f"step-{1002 + args.repeats - 1:08d}")
+    results["fsdp_train_checkpoint"] = str(step_dir(work / "fsdp_train", 1002 + args.repeats - 1))
     results["repeats"] = args.repeats
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))

@@ -26,6 +26,13 @@ class Progress:
     samples_seen: int = 0
 
 
+def _address(value: Any) -> int:
+    """Data address of a tensor (a DTensor's local shard), or the identity of any other value."""
+    if isinstance(value, torch.Tensor):
+        return getattr(value, "_local_tensor", value).data_ptr()
+    return id(value)
+
+
 class AppState(Stateful):
     """Model, optimizer, scheduler and progress of one trainer as one DCP ``Stateful``.
 
@@ -47,11 +54,9 @@ class AppState(Stateful):
 
     def _live_tensor_addresses(self) -> list[int]:
         """Where every model and optimizer tensor lives now; differs once any of them is replaced."""
-        addresses = [getattr(t, "_local_tensor", t).data_ptr()
-                     for t in (*self.model.parameters(), *self.model.buffers())]
+        addresses = [_address(t) for t in (*self.model.parameters(), *self.model.buffers())]
         for state in self.optimizer.state.values():
-            addresses += [getattr(v, "_local_tensor", v).data_ptr() if isinstance(v, torch.Tensor) else id(v)
-                          for v in state.values()]
+            addresses += [_address(value) for value in state.values()]
         return addresses
 
     def _model_and_optim_state(self) -> tuple[dict[str, Any], dict[str, Any]]:

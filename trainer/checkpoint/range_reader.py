@@ -133,7 +133,10 @@ def read_layout(stream: Any, item_offset: int, item_length: int) -> TensorLayout
 
 
 class RangeReader(FileSystemReader):
-    """``whole_items``: FQNs of tensors this rank left to the stock reader (none, for checkpoints we wrote)."""
+    """Reads tensors by row range (see the module docstring); everything else as ``FileSystemReader`` does.
+
+    ``whole_items`` lists the tensors this rank left to the stock path (none, for checkpoints we wrote).
+    """
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
