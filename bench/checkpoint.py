@@ -205,10 +205,7 @@ def phase_load(args: argparse.Namespace) -> None:
     cfg = _bench_config(args.state_gb, work / "fsdp_train")
     cfg.resume_from = args.checkpoint
     trainer = Trainer(cfg)
-    # Set up the process group first, then time only the read bound and the load itself.
-    from trainer.distributed import init_runtime
-
-    init_runtime("cpu")
+    dist.init_process_group("gloo")  # first, to time the read bound; setup() then joins this group
     rank, world = dist.get_rank(), dist.get_world_size()
     bound_files = sorted(work.glob("bound-*.bin"))
     sizes = [f.stat().st_size for f in bound_files]

@@ -1,8 +1,11 @@
-"""Training overhead of checkpointing: steps/s with a checkpoint every 10 steps vs none, same run.
+"""Training overhead of checkpointing: steps/s with an async checkpoint every 10 steps vs none.
 
-``python -m bench.overhead [--steps 200] [--json FILE]`` trains the ``make train`` model on 2 CPU
-ranks, alternating runs without checkpoints and with async checkpoints every 10 steps, and
-compares their best steady-state step rates (the first 20 steps are warm-up and not counted).
+``python -m bench.overhead [--pairs 30] [--json FILE]`` trains the ``make train`` model on 2 CPU
+ranks in one torchrun job, in blocks of 10 steps. Half the blocks take one async checkpoint
+after their first step (what ``--checkpoint-every 10`` does), the other half none; the kinds
+alternate in ABBA order. Separate runs of this job differ by several percent on a shared
+machine, more than the effect measured, so both kinds are sampled side by side in one run and
+machine drift hits them alike. Slowdown = 1 - (steps/s with) / (steps/s without), over all blocks.
 """
 
 from __future__ import annotations
@@ -10,48 +13,96 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from trainer.metrics import read_metrics
-
 ROOT = Path(__file__).resolve().parent.parent
-WARMUP = 20
+BLOCK_STEPS = 10
+WARMUP_STEPS = 20
+KINDS = ("none", "every_10")
 
 
-def steps_per_second(directory: Path) -> float:
-    steps = [r for r in read_metrics(directory) if r.get("event") == "step" and r["step"] >= WARMUP]
-    return (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["time"] - steps[0]["time"])
+def _config(checkpoint_dir: Path):
+    import yaml
+
+    from trainer.config import TrainConfig
+
+    settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    settings.update(checkpoint_dir=str(checkpoint_dir), max_steps=10**6, progress=False,
+                    checkpoint_first_step=False)
+    return TrainConfig(**settings)
 
 
-def train(directory: Path, steps: int, every: int) -> float:
-    command = [sys.executable, "-m", "trainer", "local", "--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"),
-               "--no-progress", "--log-every", "1", "--max-steps", str(steps), "--checkpoint-every", str(every),
-               "--no-checkpoint-first-step", "--checkpoint-dir", str(directory)]
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return steps_per_second(directory)
+def worker(args: argparse.Namespace) -> None:
+    """One torchrun rank: warm up, then time alternating blocks with and without a checkpoint."""
+    import torch.distributed as dist
+
+    from trainer.train import Trainer
+
+    trainer = Trainer(_config(Path(args.work)))
+    trainer.setup()
+    for _ in range(WARMUP_STEPS):
+        trainer.train_step()
+    trainer.checkpoints.save(trainer.progress.step, blocking=False, reason="warm-up")  # first-save costs
+    trainer.checkpoints.wait()
+
+    def block(kind: str) -> float:
+        dist.barrier()
+        started = time.perf_counter()
+        for index in range(BLOCK_STEPS):
+            trainer.train_step()
+            if kind == "every_10" and index == 0:
+                trainer.checkpoints.save(trainer.progress.step, blocking=False, reason="periodic")
+        trainer.checkpoints.wait()  # a save's whole cost stays inside its own block
+        return time.perf_counter() - started
+
+    seconds: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for pair in range(args.pairs):
+        for kind in KINDS if pair % 2 == 0 else reversed(KINDS):
+            seconds[kind].append(block(kind))
+    if trainer.rt.is_primary:  # ranks move in lockstep (an all-reduce every step): rank 0's clock serves
+        Path(args.out).write_text(json.dumps(seconds))
+    trainer.close()
+
+
+def summarize(seconds: dict[str, list[float]]) -> dict:
+    rates = {kind: BLOCK_STEPS * len(values) / sum(values) for kind, values in seconds.items()}
+    pair_slowdowns = [1 - without / with_ for without, with_ in zip(seconds["none"], seconds["every_10"])]
+    quartiles = statistics.quantiles(pair_slowdowns, n=4) if len(pair_slowdowns) > 1 else pair_slowdowns * 3
+    return {"steps_per_s": rates, "slowdown": 1 - rates["every_10"] / rates["none"],
+            "pair_slowdown_quartiles": quartiles, "pairs": len(pair_slowdowns), "block_steps": BLOCK_STEPS,
+            "block_seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
-    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs; the best of each kind is kept")
+    parser.add_argument("--pairs", type=int, default=30,
+                        help="pairs of 10-step blocks, one with a checkpoint and one without (default 30)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    rates: dict[str, list[float]] = {"none": [], "every_10": []}
+    if args.work:
+        worker(args)
+        return 0
     with tempfile.TemporaryDirectory(prefix="fsdp-train-overhead-", dir=ROOT) as work:
-        for round_index in range(args.rounds):
-            for name, every in (("none", 10**9), ("every_10", 10)):
-                rates[name].append(train(Path(work) / f"{name}-{round_index}", args.steps, every))
-    best = {name: max(values) for name, values in rates.items()}
-    slowdown = 1 - best["every_10"] / best["none"]
-    print(f"steps/s without checkpoints: {best['none']:.2f}; with a checkpoint every 10 steps: "
-          f"{best['every_10']:.2f}; slowdown {100 * slowdown:.1f}% (target <= 2%)")
-    print(f"all runs: {json.dumps({k: [round(v, 2) for v in vs] for k, vs in rates.items()})}")
+        out = Path(work) / "blocks.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   "-m", "bench.overhead", "--pairs", str(args.pairs), "--work", str(Path(work) / "ckpt"),
+                   "--out", str(out)]
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = summarize(json.loads(out.read_text()))
+    rates, low, median, high = result["steps_per_s"], *result["pair_slowdown_quartiles"]
+    print(f"steps/s without checkpoints: {rates['none']:.2f}; with one every 10 steps: {rates['every_10']:.2f}; "
+          f"slowdown {100 * result['slowdown']:.1f}% (target <= 2%)")
+    print(f"per pair of blocks: median {100 * median:.1f}%, quartiles {100 * low:.1f}% .. {100 * high:.1f}% "
+          f"({result['pairs']} pairs of {BLOCK_STEPS}-step blocks, one run)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps_per_s": best, "runs": rates, "slowdown": slowdown}, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

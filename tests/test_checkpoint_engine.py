@@ -1,17 +1,27 @@
-"""Pieces of the fast checkpoint path, in one process: the row-range reader and the cached state dict."""
+"""Pieces of the fast checkpoint path, in one process: the row-range reader, the cached state dict,
+the torch.save frame cache, the layout-caching planner and the low-priority background writer."""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import default_planner
 
 from trainer.checkpoint.app_state import AppState, Progress
+from trainer.checkpoint.frames import TorchSaveFrames
+from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
-from trainer.checkpoint.storage import CommittingWriter
+from trainer.checkpoint.storage import BACKGROUND_NICE, CommittingWriter
 
 
 def _sample_state() -> dict[str, object]:
@@ -87,3 +97,122 @@ def test_cached_state_dict_is_rebuilt_when_a_tensor_is_replaced() -> None:
     replacement = torch.full_like(app.optimizer.state[app.model.weight]["exp_avg"], 7.0)
     app.optimizer.state[app.model.weight]["exp_avg"] = replacement
     assert app.state_dict()["optim"]["state"]["weight"]["exp_avg"] is replacement
+
+
+class _NiceRecordingWriter(CommittingWriter):
+    """Records the CPU priority of the thread that writes the shard files."""
+
+    writer_nice: int | None = None
+
+    def write_data(self, plan, planner):  # noqa: ANN001 - DCP's signature
+        self.writer_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return super().write_data(plan, planner)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux-only")
+def test_async_write_yields_the_cpu_and_leaves_the_caller_alone(tmp_path: Path) -> None:
+    caller_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    background = _NiceRecordingWriter(tmp_path / "async", {"step": 1}, yield_cpu=True)
+    dcp.async_save({"rows": torch.randn(8, 4)}, storage_writer=background, no_dist=True).result()
+    assert background.writer_nice == BACKGROUND_NICE
+    blocking = _NiceRecordingWriter(tmp_path / "sync", {"step": 2}, yield_cpu=True)
+    dcp.save({"rows": torch.randn(8, 4)}, storage_writer=blocking, no_dist=True)
+    assert blocking.writer_nice == caller_nice, "a save on the main thread must never lower training's priority"
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller_nice
+
+
+def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return buffer.getvalue()
+
+
+@contextmanager
+def _zip_crcs(enabled: bool) -> Iterator[None]:
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+FRAME_CASES = {
+    "matrix": (lambda: torch.randn(30, 7), True),
+    "bf16": (lambda: torch.randn(5).to(torch.bfloat16), True),
+    "scalar": (lambda: torch.tensor(3.0), True),
+    "int64": (lambda: torch.arange(10), True),
+    "bool": (lambda: torch.rand(6) > 0.5, True),
+    "empty": (lambda: torch.zeros(0, 3), False),
+    "transposed": (lambda: torch.randn(4, 6).t(), False),
+    "narrowed": (lambda: torch.randn(9, 3)[2:6], False),
+    "requires_grad": (lambda: torch.randn(3, requires_grad=True), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAME_CASES))
+def test_frames_write_exactly_what_torch_save_writes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    make, reuses_frame = FRAME_CASES[case]
+    frames = TorchSaveFrames()
+    with _zip_crcs(False):
+        tensors = [make(), make()]  # same layout, other values
+        expected = [_torch_save_bytes(tensor) for tensor in tensors]
+        for tensor, reference in zip(tensors, expected):
+            written = io.BytesIO()
+            frames.write(tensor, written)
+            assert written.getvalue() == reference
+            if reuses_frame:  # from now on torch.save must not run for this layout
+                monkeypatch.setattr(torch, "save", lambda *args, **kwargs: pytest.fail("torch.save ran again"))
+    assert torch.equal(torch.load(io.BytesIO(written.getvalue()), weights_only=True), tensors[1].detach())
+
+
+def test_frames_are_not_used_while_zip_crcs_are_on() -> None:
+    frames = TorchSaveFrames()
+    with _zip_crcs(True):
+        for tensor in (torch.randn(8, 2), torch.randn(8, 2)):  # a CRC depends on the values
+            written = io.BytesIO()
+            frames.write(tensor, written)
+            assert written.getvalue() == _torch_save_bytes(tensor)
+
+
+def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
+    """Across saves sharing one frame cache, the shard file is what stock DCP (CRCs off) writes."""
+    frames = TorchSaveFrames()
+    for step in (1, 2):
+        state = {key: value for key, value in _sample_state().items()}
+        state["rows"] = state["rows"] + step  # new values, same layout
+        ours, stock = tmp_path / f"ours-{step}", tmp_path / f"stock-{step}"
+        dcp.save(state, storage_writer=CommittingWriter(ours, {"step": step}, frames=frames), no_dist=True)
+        with _zip_crcs(False):
+            dcp.save(state, checkpoint_id=stock, no_dist=True)
+        shards = sorted(path.name for path in stock.glob("*.distcp"))
+        assert shards == sorted(path.name for path in ours.glob("*.distcp"))
+        for name in shards:
+            assert (ours / name).read_bytes() == (stock / name).read_bytes(), name
+        loaded = _zeros_like(state)
+        dcp.load(loaded, checkpoint_id=ours, no_dist=True)  # the stock reader
+        assert torch.equal(loaded["rows"], state["rows"])
+
+
+def test_planner_reuses_the_local_plan_until_the_layout_changes(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[int] = []
+    build = default_planner.create_default_local_save_plan
+    monkeypatch.setattr(default_planner, "create_default_local_save_plan",
+                        lambda *args: builds.append(1) or build(*args))
+    planner = LayoutCachingSavePlanner()
+
+    def save(name: str, state: dict[str, object]) -> None:
+        dcp.save(state, storage_writer=CommittingWriter(tmp_path / name, {"step": 1}), planner=planner,
+                 no_dist=True)
+
+    for step in range(3):
+        save(f"same-{step}", {"rows": torch.full((4, 3), float(step)), "count": step})
+    assert len(builds) == 1, "an unchanged layout must not be planned again"
+    grown = {"rows": torch.randn(5, 3), "count": 7}
+    save("grown", grown)
+    assert len(builds) == 2, "a changed shape must be planned afresh"
+    for name, expected in (("same-2", {"rows": torch.full((4, 3), 2.0), "count": 2}), ("grown", grown)):
+        loaded = _zeros_like(expected)
+        dcp.load(loaded, checkpoint_id=tmp_path / name, no_dist=True)
+        assert torch.equal(loaded["rows"], expected["rows"]) and loaded["count"] == expected["count"], name

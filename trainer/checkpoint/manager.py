@@ -1,8 +1,8 @@
 """Save, resume and retention policy for one training job.
 
 Saves: periodic saves are asynchronous (stage into reusable host buffers, write
-in a background thread, at most one in flight); the final and the emergency
-save are synchronous. Resume: newest committed checkpoint whose files still
+in a background thread at the lowest CPU priority, at most one in flight); the
+final and the emergency save are synchronous. Resume: newest committed checkpoint whose files still
 match their recorded sizes and checksums, verified by all ranks in parallel.
 """
 
@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import STATE_KEY, AppState
+from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.layout import (
     CheckpointInfo,
     committed_checkpoints,
@@ -31,6 +31,7 @@ from trainer.checkpoint.layout import (
     resolve_resume_target,
     step_dir,
 )
+from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
@@ -85,7 +86,8 @@ class CheckpointManager:
         self.last_restore_seconds = 0.0
         self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
-        self._planner = DefaultSavePlanner(enable_plan_caching=True)
+        self._frames = TorchSaveFrames()  # torch.save's output frames, reused by every save
+        self._planner = LayoutCachingSavePlanner()
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._last_saved_step: int | None = None
@@ -115,9 +117,11 @@ class CheckpointManager:
             "shape": self.cfg.shape_fields(),
             "config": self.cfg.to_dict(),
         }
-        writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None)
+        blocking = blocking or self.cfg.checkpoint_mode == "sync"
+        writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None,
+                                  yield_cpu=not blocking, frames=self._frames)
         state = {STATE_KEY: self.app_state}
-        if blocking or self.cfg.checkpoint_mode == "sync":
+        if blocking:
             try:
                 dcp.save(state, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any storage failure, one line

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +19,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
+from torch.distributed.checkpoint.planner import SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
+from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.integrity import ALGORITHM, file_digest, new_hasher
 from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
+
+BACKGROUND_NICE = 19  # the lowest CPU priority: a background write only uses CPU that training leaves idle
 
 
 class _DigestingStream:
@@ -76,16 +84,35 @@ def _without_zip_checksums() -> Iterator[None]:
         torch.serialization.set_crc32_options(previous)
 
 
+def _lower_background_thread_priority() -> None:
+    """Let training win the CPU over a background writer thread (Linux nice values are per thread).
+
+    A new thread starts at its creator's nice value, so this lasts for one save's thread only;
+    the main thread is never lowered, since an unprivileged process cannot raise it back.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the write just competes as before
+        pass
+
+
 class CommittingWriter(FileSystemWriter):
     """Writes one DCP checkpoint directory and, on the coordinator, its commit marker.
 
     ``marker`` is the commit marker's content minus what only the writer knows
     (files, bytes, timings); ``on_commit`` runs on the coordinator afterwards.
+    ``yield_cpu`` (async saves) runs the write at the lowest CPU priority, so on a
+    busy node it uses the CPU time training leaves idle instead of slowing steps.
+    ``frames`` is the process's ``torch.save`` frame cache, kept across saves.
     """
 
     def __init__(self, path: Path, marker: dict[str, Any], on_commit: Callable[[dict], None] | None = None,
-                 thread_count: int = 1) -> None:
-        super().__init__(path, thread_count=thread_count, overwrite=True)
+                 yield_cpu: bool = False, frames: TorchSaveFrames | None = None) -> None:
+        super().__init__(path, overwrite=True)
+        self._yield_cpu = yield_cpu
+        self._frames = frames or TorchSaveFrames()
         self.fs = _DigestingFileSystem(self._record_digest)
         self._digests: dict[str, dict[str, int]] = {}
         self._marker = marker
@@ -94,6 +121,11 @@ class CommittingWriter(FileSystemWriter):
 
     def _record_digest(self, name: str, digest: dict[str, int]) -> None:
         self._digests[name] = digest
+
+    def set_up_storage_writer(self, *args: Any, **kwargs: Any) -> None:
+        if self._yield_cpu:
+            _lower_background_thread_priority()
+        super().set_up_storage_writer(*args, **kwargs)
 
     def prepare_local_plan(self, plan: Any) -> Any:
         # Saving step S replaces whatever was at S (a crash's partial files must not mix with ours).
@@ -112,6 +144,47 @@ class CommittingWriter(FileSystemWriter):
             out.flush()
             os.fsync(out.fileno())
         return future
+
+    def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[list[WriteResult]]:
+        """DCP's one-thread write loop, with each tensor written through the frame cache.
+
+        Same layout as DCP's: per file, byte items first, then tensors, each a ``torch.save``
+        record at a recorded offset; a tensor that does not own exactly its storage is cloned
+        first, as DCP does, so a record holds only the tensor's own bytes.
+        """
+        if self.transforms.extensions:
+            raise ValueError("CommittingWriter does not support stream transform extensions")
+        results: list[WriteResult] = []
+        with torch.no_grad():  # writing needs no autograd; a DTensor then yields its shard directly
+            while not file_queue.empty():
+                self._write_file(planner, *file_queue.get_nowait(), results)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def _write_file(self, planner: SavePlanner, path: str, storage_key: str, items: list[WriteItem],
+                    results: list[WriteResult]) -> None:
+        ordered = sorted(items, key=lambda item: item.type != WriteItemType.BYTE_IO)
+        with self.fs.create_stream(path, "wb") as stream:
+            for item in ordered:
+                offset = stream.size
+                self._write_item(stream, planner, item)
+                length = stream.size - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(storage_key, offset, length)))
+            if self.sync_files:
+                stream.flush()
+                os.fsync(stream.fileno())
+
+    def _write_item(self, stream: _DigestingStream, planner: SavePlanner, item: WriteItem) -> None:
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            stream.write(data.getbuffer())
+            return
+        tensor = data.detach().cpu()
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+        self._frames.write(tensor, stream)
 
     def finish(self, metadata: Any, results: Any) -> None:
         super().finish(metadata, results)
