@@ -1,8 +1,8 @@
 """Save, resume and retention policy for one training job.
 
-Saves: periodic saves are asynchronous (stage into reusable host buffers, write
-in a background thread at the lowest CPU priority, at most one in flight); the
-final and the emergency save are synchronous. Resume: newest committed checkpoint whose files still
+Saves: periodic saves are asynchronous (stage into reusable host buffers, then
+``dcp.save`` the copy on one long-lived writer thread at the lowest CPU priority,
+at most one in flight); the final and the emergency save are synchronous. Resume: newest committed checkpoint whose files still
 match their recorded sizes and checksums, verified by all ranks in parallel.
 """
 
@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import STATE_KEY, AppState
+from trainer.checkpoint.background import background_writer
 from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.layout import (
     CheckpointInfo,
@@ -86,6 +87,7 @@ class CheckpointManager:
         self.last_restore_seconds = 0.0
         self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
+        self._writer = background_writer()
         self._frames = TorchSaveFrames()  # torch.save's output frames, reused by every save
         self._planner = LayoutCachingSavePlanner()
         self._pending: Future | None = None
@@ -94,9 +96,10 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Allocate staging buffers now, so the first async save blocks no longer than later ones."""
+        """Allocate staging buffers and start the writer thread now: the first async save costs what later ones do."""
         if self.cfg.checkpoint_mode == "async":
             self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
+            self._writer.submit(lambda: None).result()
 
     def save(self, step: int, *, blocking: bool, reason: str) -> None:
         self.wait()
@@ -119,17 +122,17 @@ class CheckpointManager:
         }
         blocking = blocking or self.cfg.checkpoint_mode == "sync"
         writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None,
-                                  yield_cpu=not blocking, frames=self._frames)
-        state = {STATE_KEY: self.app_state}
+                                  frames=self._frames)
         if blocking:
             try:
-                dcp.save(state, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
+                dcp.save({STATE_KEY: self.app_state}, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any storage failure, one line
                 raise UserError(f"{self._discard_failed(step, exc)}; fix the volume (space, permissions) "
                                 "and re-run to resume") from None
             return
-        self._pending = dcp.async_save(state, storage_writer=writer, planner=self._planner,
-                                       process_group=self.rt.checkpoint_group, async_stager=self._stager)
+        staged = self._stager.stage({STATE_KEY: self.app_state.state_dict()})  # the only blocking part
+        self._pending = self._writer.submit(dcp.save, staged, storage_writer=writer, planner=self._planner,
+                                            process_group=self.rt.checkpoint_group)
         self._pending_step = step
 
     def wait(self) -> None:
@@ -264,4 +267,5 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+        self._writer.shutdown()
         self._stager.close()

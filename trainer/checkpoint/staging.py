@@ -12,12 +12,9 @@ from typing import Any
 
 import torch
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint.staging import AsyncStager
 
 
-class ReusableHostStager(AsyncStager):
-    _synchronize_after_execute = False
-
+class ReusableHostStager:
     def __init__(self) -> None:
         self._buffers: dict[str, Any] | None = None
 
@@ -29,9 +26,6 @@ class ReusableHostStager(AsyncStager):
         if self._buffers is None:
             self.prepare(state_dict)
         return _copy_state_dict(state_dict, self._buffers)
-
-    def synchronize_staging(self) -> None:
-        """Staging is a blocking copy; nothing to wait for."""
 
     def close(self) -> None:
         self._buffers = None

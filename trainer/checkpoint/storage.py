@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +26,6 @@ from torch.futures import Future
 from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.integrity import ALGORITHM, file_digest, new_hasher
 from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
-
-BACKGROUND_NICE = 19  # the lowest CPU priority: a background write only uses CPU that training leaves idle
 
 
 class _DigestingStream:
@@ -84,34 +81,17 @@ def _without_zip_checksums() -> Iterator[None]:
         torch.serialization.set_crc32_options(previous)
 
 
-def _lower_background_thread_priority() -> None:
-    """Let training win the CPU over a background writer thread (Linux nice values are per thread).
-
-    A new thread starts at its creator's nice value, so this lasts for one save's thread only;
-    the main thread is never lowered, since an unprivileged process cannot raise it back.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except (AttributeError, OSError):  # not Linux, or not permitted: the write just competes as before
-        pass
-
-
 class CommittingWriter(FileSystemWriter):
     """Writes one DCP checkpoint directory and, on the coordinator, its commit marker.
 
     ``marker`` is the commit marker's content minus what only the writer knows
     (files, bytes, timings); ``on_commit`` runs on the coordinator afterwards.
-    ``yield_cpu`` (async saves) runs the write at the lowest CPU priority, so on a
-    busy node it uses the CPU time training leaves idle instead of slowing steps.
     ``frames`` is the process's ``torch.save`` frame cache, kept across saves.
     """
 
     def __init__(self, path: Path, marker: dict[str, Any], on_commit: Callable[[dict], None] | None = None,
-                 yield_cpu: bool = False, frames: TorchSaveFrames | None = None) -> None:
+                 frames: TorchSaveFrames | None = None) -> None:
         super().__init__(path, overwrite=True)
-        self._yield_cpu = yield_cpu
         self._frames = frames or TorchSaveFrames()
         self.fs = _DigestingFileSystem(self._record_digest)
         self._digests: dict[str, dict[str, int]] = {}
@@ -121,11 +101,6 @@ class CommittingWriter(FileSystemWriter):
 
     def _record_digest(self, name: str, digest: dict[str, int]) -> None:
         self._digests[name] = digest
-
-    def set_up_storage_writer(self, *args: Any, **kwargs: Any) -> None:
-        if self._yield_cpu:
-            _lower_background_thread_priority()
-        super().set_up_storage_writer(*args, **kwargs)
 
     def prepare_local_plan(self, plan: Any) -> Any:
         # Saving step S replaces whatever was at S (a crash's partial files must not mix with ours).
@@ -138,11 +113,10 @@ class CommittingWriter(FileSystemWriter):
         with _without_zip_checksums():
             future = super().write_data(plan, planner)
         future.wait()
+        # Only the coordinator's finish reads this file, and copies it into commit.json, which is
+        # fsync'd: a crash before the commit voids the whole directory, so no fsync here.
         digest_file = Path(self.path) / f".rank-{self.rank or 0}{DIGEST_SUFFIX}"
-        with digest_file.open("w") as out:
-            json.dump(self._digests, out)
-            out.flush()
-            os.fsync(out.fileno())
+        digest_file.write_text(json.dumps(self._digests))
         return future
 
     def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[list[WriteResult]]:
