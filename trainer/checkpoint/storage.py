@@ -3,7 +3,9 @@
 Each rank digests its shard files as it writes them (no second read) and leaves
 a small digest file. DCP calls ``finish`` on the coordinator only after every
 rank's ``write_data`` returned, so that is where the commit marker is written:
-a checkpoint is committed exactly when all ranks' files are durable.
+a checkpoint is committed exactly when all ranks' files are durable. The files
+are laid out exactly as DCP's own writer lays them out (stock readers load them);
+only the tensor records are written through the ``torch.save`` frame cache.
 """
 
 from __future__ import annotations
