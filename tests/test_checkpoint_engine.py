@@ -7,9 +7,7 @@ import io
 import os
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from trainer.checkpoint.background import BACKGROUND_NICE, background_writer, lo
 from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
-from trainer.checkpoint.storage import CommittingWriter
+from trainer.checkpoint.storage import CommittingWriter, zip_checksums
 
 
 def _sample_state() -> dict[str, object]:
@@ -130,16 +128,6 @@ def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-@contextmanager
-def _zip_crcs(enabled: bool) -> Iterator[None]:
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(enabled)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
-
-
 FRAME_CASES = {
     "matrix": (lambda: torch.randn(30, 7), True),
     "bf16": (lambda: torch.randn(5).to(torch.bfloat16), True),
@@ -157,7 +145,7 @@ FRAME_CASES = {
 def test_frames_write_exactly_what_torch_save_writes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     make, reuses_frame = FRAME_CASES[case]
     frames = TorchSaveFrames()
-    with _zip_crcs(False):
+    with zip_checksums(False):
         tensors = [make(), make()]  # same layout, other values
         expected = [_torch_save_bytes(tensor) for tensor in tensors]
         for tensor, reference in zip(tensors, expected):
@@ -171,7 +159,7 @@ def test_frames_write_exactly_what_torch_save_writes(case: str, monkeypatch: pyt
 
 def test_frames_are_not_used_while_zip_crcs_are_on() -> None:
     frames = TorchSaveFrames()
-    with _zip_crcs(True):
+    with zip_checksums(True):
         for tensor in (torch.randn(8, 2), torch.randn(8, 2)):  # a CRC depends on the values
             written = io.BytesIO()
             frames.write(tensor, written)
@@ -186,7 +174,7 @@ def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
         state["rows"] = state["rows"] + step  # new values, same layout
         ours, stock = tmp_path / f"ours-{step}", tmp_path / f"stock-{step}"
         dcp.save(state, storage_writer=CommittingWriter(ours, {"step": step}, frames=frames), no_dist=True)
-        with _zip_crcs(False):
+        with zip_checksums(False):
             dcp.save(state, checkpoint_id=stock, no_dist=True)
         shards = sorted(path.name for path in stock.glob("*.distcp"))
         assert shards == sorted(path.name for path in ours.glob("*.distcp"))

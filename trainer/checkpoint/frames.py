@@ -76,12 +76,15 @@ class TorchSaveFrames:
     def write(self, tensor: torch.Tensor, stream: Any) -> None:
         """Write ``torch.save(tensor)``'s exact bytes to ``stream``."""
         key = frame_key(tensor)
-        frame = self._frames.get(key) if key is not None else None
+        if key is None:  # never framed: no point recording this one
+            torch.save(tensor, stream)
+            return
+        frame = self._frames.get(key)
         if frame is None:
             recorder = _FrameRecorder(stream, tensor.untyped_storage())
             torch.save(tensor, recorder)
             recorded = recorder.frame()
-            if key is not None and recorded is not None:
+            if recorded is not None:
                 self._frames[key] = recorded
             return
         head, tail = frame

@@ -2,8 +2,9 @@
 
 Saves: periodic saves are asynchronous (stage into reusable host buffers, then
 ``dcp.save`` the copy on one long-lived writer thread at the lowest CPU priority,
-at most one in flight); the final and the emergency save are synchronous. Resume: newest committed checkpoint whose files still
-match their recorded sizes and checksums, verified by all ranks in parallel.
+at most one in flight); the final and the emergency save are synchronous.
+Resume: newest committed checkpoint whose files still match their recorded sizes
+and checksums, verified by all ranks in parallel.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class CheckpointManager:
                                   frames=self._frames)
         if blocking:
             try:
-                dcp.save({STATE_KEY: self.app_state}, storage_writer=writer, planner=self._planner, process_group=self.rt.checkpoint_group)
+                dcp.save({STATE_KEY: self.app_state}, storage_writer=writer, planner=self._planner,
+                         process_group=self.rt.checkpoint_group)
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any storage failure, one line
                 raise UserError(f"{self._discard_failed(step, exc)}; fix the volume (space, permissions) "
                                 "and re-run to resume") from None

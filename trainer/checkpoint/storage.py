@@ -68,15 +68,16 @@ class _DigestingFileSystem(FileSystem):
 
 
 @contextmanager
-def _without_zip_checksums() -> Iterator[None]:
-    """Skip the CRC32 that ``torch.save`` computes per zip record while our own checksum runs.
+def zip_checksums(enabled: bool) -> Iterator[None]:
+    """Switch the CRC32 that ``torch.save`` computes per zip record on or off, then restore it.
 
-    Our digest already covers every byte of every file, at a fraction of miniz's cost, and
-    ``torch.load`` does not check zip CRCs. The switch is process-wide: nothing else in a
-    training process calls ``torch.save`` while a checkpoint is being written.
+    The writer turns it off while our own checksum runs: our digest already covers every byte of
+    every file, at a fraction of miniz's cost, and ``torch.load`` does not check zip CRCs. The
+    switch is process-wide: nothing else in a training process calls ``torch.save`` while a
+    checkpoint is being written.
     """
     previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
+    torch.serialization.set_crc32_options(enabled)
     try:
         yield
     finally:
@@ -112,7 +113,7 @@ class CommittingWriter(FileSystemWriter):
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         Path(self.path).mkdir(parents=True, exist_ok=True)
-        with _without_zip_checksums():
+        with zip_checksums(False):
             future = super().write_data(plan, planner)
         future.wait()
         # Only the coordinator's finish reads this file, and copies it into commit.json, which is
