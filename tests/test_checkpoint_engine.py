@@ -4,6 +4,7 @@ the torch.save frame cache, the layout-caching planner and the low-priority back
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import threading
@@ -15,11 +16,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import default_planner
 
+from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import AppState, Progress
 from trainer.checkpoint.background import BACKGROUND_NICE, background_writer, lower_this_thread_priority
-from trainer.checkpoint.frames import TorchSaveFrames
+from trainer.checkpoint.frames import TorchSaveFrames, framing_alignment
+from trainer.checkpoint.layout import COMMIT_FILE
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
+from trainer.checkpoint.records import TensorRecords
 from trainer.checkpoint.storage import CommittingWriter, zip_checksums
 
 
@@ -128,6 +132,10 @@ def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _framed_bytes(frames: TorchSaveFrames, tensor: torch.Tensor) -> bytes:
+    return b"".join(memoryview(piece).cast("B").tobytes() for piece in frames.pieces(tensor, framing_alignment())[0])
+
+
 FRAME_CASES = {
     "matrix": (lambda: torch.randn(30, 7), True),
     "bf16": (lambda: torch.randn(5).to(torch.bfloat16), True),
@@ -149,31 +157,29 @@ def test_frames_write_exactly_what_torch_save_writes(case: str, monkeypatch: pyt
         tensors = [make(), make()]  # same layout, other values
         expected = [_torch_save_bytes(tensor) for tensor in tensors]
         for tensor, reference in zip(tensors, expected):
-            written = io.BytesIO()
-            frames.write(tensor, written)
-            assert written.getvalue() == reference
+            written = _framed_bytes(frames, tensor)
+            assert written == reference
             if reuses_frame:  # from now on torch.save must not run for this layout
                 monkeypatch.setattr(torch, "save", lambda *args, **kwargs: pytest.fail("torch.save ran again"))
-    assert torch.equal(torch.load(io.BytesIO(written.getvalue()), weights_only=True), tensors[1].detach())
+    assert torch.equal(torch.load(io.BytesIO(written), weights_only=True), tensors[1].detach())
 
 
 def test_frames_are_not_used_while_zip_crcs_are_on() -> None:
     frames = TorchSaveFrames()
     with zip_checksums(True):
+        assert framing_alignment() is None
         for tensor in (torch.randn(8, 2), torch.randn(8, 2)):  # a CRC depends on the values
-            written = io.BytesIO()
-            frames.write(tensor, written)
-            assert written.getvalue() == _torch_save_bytes(tensor)
+            assert _framed_bytes(frames, tensor) == _torch_save_bytes(tensor)
 
 
 def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
     """Across saves sharing one frame cache, the shard file is what stock DCP (CRCs off) writes."""
-    frames = TorchSaveFrames()
+    records = TensorRecords()
     for step in (1, 2):
         state = {key: value for key, value in _sample_state().items()}
         state["rows"] = state["rows"] + step  # new values, same layout
         ours, stock = tmp_path / f"ours-{step}", tmp_path / f"stock-{step}"
-        dcp.save(state, storage_writer=CommittingWriter(ours, {"step": step}, frames=frames), no_dist=True)
+        dcp.save(state, storage_writer=CommittingWriter(ours, {"step": step}, records=records), no_dist=True)
         with zip_checksums(False):
             dcp.save(state, checkpoint_id=stock, no_dist=True)
         shards = sorted(path.name for path in stock.glob("*.distcp"))
@@ -207,3 +213,61 @@ def test_planner_reuses_the_local_plan_until_the_layout_changes(tmp_path: Path,
         loaded = _zeros_like(expected)
         dcp.load(loaded, checkpoint_id=tmp_path / name, no_dist=True)
         assert torch.equal(loaded["rows"], expected["rows"]) and loaded["count"] == expected["count"], name
+
+
+def _load_plain(path: Path, like: dict[str, object]) -> dict[str, object]:
+    loaded = _zeros_like(like)
+    dcp.load(loaded, checkpoint_id=path, no_dist=True)
+    return loaded
+
+
+def test_tensor_records_are_reused_only_while_they_name_the_same_storage(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves of one state dict reuse each tensor's record, yet always write the tensors' current bytes."""
+    resolved: list[str] = []
+    resolve = default_planner.DefaultSavePlanner.resolve_data
+    monkeypatch.setattr(default_planner.DefaultSavePlanner, "resolve_data",
+                        lambda self, item: resolved.append(item.index.fqn) or resolve(self, item))
+    records, planner = TensorRecords(), LayoutCachingSavePlanner()
+    state = {"rows": torch.randn(6, 4), "cols": torch.randn(3), "count": 1}
+
+    def save(name: str) -> dict[str, object]:
+        resolved.clear()
+        dcp.save(state, storage_writer=CommittingWriter(tmp_path / name, {"step": 1}, records=records),
+                 planner=planner, no_dist=True)
+        loaded = _load_plain(tmp_path / name, state)
+        for key in ("rows", "cols"):
+            assert torch.equal(loaded[key], state[key]), f"{name}: {key}"
+        return loaded
+
+    save("first")
+    assert sorted(resolved) == ["cols", "count", "rows"]
+    state["rows"].add_(1.0)  # new values in place: the record is reused and shows them
+    save("in-place")
+    assert resolved == ["count"], "an unchanged tensor must not be resolved again"
+    state["cols"] = torch.randn(3)  # another tensor object, same layout
+    state["rows"].set_(torch.randn(6, 4))  # same object, same shape, other storage
+    save("replaced")
+    assert sorted(resolved) == ["cols", "count", "rows"], "a replaced tensor or storage must be resolved afresh"
+
+
+def test_writer_finishes_files_through_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``writev`` may write less than asked (a signal, a quota): the rest must still reach the file."""
+    calls: list[int] = []
+    real_writev = os.writev
+
+    def short_writev(descriptor: int, views: list[memoryview]) -> int:
+        calls.append(len(views))
+        first = memoryview(views[0]).cast("B")
+        return real_writev(descriptor, [first[:max(1, len(first) // 3)]])  # a third of one buffer
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    state = {"rows": torch.randn(50, 40), "scalar": torch.tensor(2.0), "count": 3}
+    dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+    monkeypatch.setattr(os, "writev", real_writev)
+    assert len(calls) > 10, "the short writes were not exercised"
+    loaded = _load_plain(tmp_path, state)
+    assert torch.equal(loaded["rows"], state["rows"]) and torch.equal(loaded["scalar"], state["scalar"])
+    assert loaded["count"] == 3
+    marker = json.loads((tmp_path / COMMIT_FILE).read_text())
+    assert integrity.problems(tmp_path, marker["files"]) == []

@@ -12,6 +12,7 @@ have written, which is what keeps checkpoints readable by ``torch.load`` and sto
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,20 @@ from torch.serialization import _get_storage_alignment, get_crc32_options
 Frame = tuple[bytes, bytes]  # what torch.save writes before and after the storage bytes
 
 
+def framing_alignment() -> int | None:
+    """The storage alignment ``torch.save`` pads to now, or None while its zip CRCs are on.
+
+    A CRC depends on the values, so with CRCs on no frame is fixed and none is used. Read once
+    per save: both settings are process-wide and slow to look up per tensor.
+    """
+    return None if get_crc32_options() else _get_storage_alignment()
+
+
 def _address(buffer: Any) -> int:
     return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
 
 
-def frame_key(tensor: torch.Tensor) -> tuple | None:
+def frame_key(tensor: torch.Tensor, alignment: int) -> tuple | None:
     """Everything the frame depends on, or None for tensors that always take the real ``torch.save``.
 
     Only plain, dense, contiguous CPU tensors that own exactly their storage qualify; anything that
@@ -34,37 +44,35 @@ def frame_key(tensor: torch.Tensor) -> tuple | None:
     if (type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.layout != torch.strided
             or tensor.requires_grad or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()
             or tensor.__dict__ or not tensor.is_contiguous() or tensor.storage_offset()
-            or tensor.nbytes == 0 or tensor.untyped_storage().nbytes() != tensor.nbytes or get_crc32_options()):
+            or tensor.nbytes == 0 or tensor.untyped_storage().nbytes() != tensor.nbytes):
         return None
-    return tensor.dtype, tuple(tensor.shape), _get_storage_alignment()
+    return tensor.dtype, tuple(tensor.shape), alignment
 
 
 class _FrameRecorder:
-    """File-like target for one real ``torch.save``: passes every write on, keeps all but the payload."""
+    """File-like target for one real ``torch.save``: keeps every write, and where the payload was."""
 
-    def __init__(self, stream: Any, storage: torch.UntypedStorage) -> None:
-        self._stream = stream
+    def __init__(self, storage: torch.UntypedStorage) -> None:
         self._storage = (storage.data_ptr(), storage.nbytes())
-        self._parts: list[bytes] = []
+        self.parts: list[bytes] = []
         self._payload_at: list[int] = []
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         if (_address(view), len(view)) == self._storage:
-            self._payload_at.append(len(self._parts))
-        else:
-            self._parts.append(bytes(view))
-        return self._stream.write(view)
+            self._payload_at.append(len(self.parts))
+        self.parts.append(bytes(view))
+        return len(view)
 
     def flush(self) -> None:
-        self._stream.flush()
+        pass
 
     def frame(self) -> Frame | None:
         """The recorded frame, or None unless the storage bytes came as exactly one write."""
         if len(self._payload_at) != 1:
             return None
         split = self._payload_at[0]
-        return b"".join(self._parts[:split]), b"".join(self._parts[split:])
+        return b"".join(self.parts[:split]), b"".join(self.parts[split + 1:])
 
 
 class TorchSaveFrames:
@@ -73,21 +81,25 @@ class TorchSaveFrames:
     def __init__(self) -> None:
         self._frames: dict[tuple, Frame] = {}
 
-    def write(self, tensor: torch.Tensor, stream: Any) -> None:
-        """Write ``torch.save(tensor)``'s exact bytes to ``stream``."""
-        key = frame_key(tensor)
-        if key is None:  # never framed: no point recording this one
-            torch.save(tensor, stream)
-            return
+    def pieces(self, tensor: torch.Tensor, alignment: int | None) -> tuple[list[Any], bool]:
+        """``torch.save(tensor)``'s exact bytes as buffers to write in order, and whether they are framed.
+
+        Framed buffers are a cached frame around a view of the tensor's storage (no copy): they
+        stay valid, and keep showing the tensor's current values, as long as that storage does.
+        ``alignment`` comes from ``framing_alignment``.
+        """
+        key = None if alignment is None else frame_key(tensor, alignment)
+        if key is None:
+            buffer = io.BytesIO()
+            torch.save(tensor, buffer)
+            return [buffer.getbuffer()], False
         frame = self._frames.get(key)
-        if frame is None:
-            recorder = _FrameRecorder(stream, tensor.untyped_storage())
+        if frame is None:  # first of its layout: the real torch.save, recorded
+            recorder = _FrameRecorder(tensor.untyped_storage())
             torch.save(tensor, recorder)
-            recorded = recorder.frame()
-            if recorded is not None:
-                self._frames[key] = recorded
-            return
+            frame = recorder.frame()
+            if frame is None:
+                return recorder.parts, False
+            self._frames[key] = frame
         head, tail = frame
-        stream.write(head)
-        stream.write(tensor.reshape(-1).view(torch.uint8).numpy())
-        stream.write(tail)
+        return [head, tensor.reshape(-1).view(torch.uint8).numpy(), tail], True

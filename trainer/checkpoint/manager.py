@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import STATE_KEY, AppState
 from trainer.checkpoint.background import background_writer
-from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.layout import (
     CheckpointInfo,
     committed_checkpoints,
@@ -35,6 +34,7 @@ from trainer.checkpoint.layout import (
 )
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
+from trainer.checkpoint.records import TensorRecords
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
 from trainer.config import TrainConfig
@@ -89,7 +89,7 @@ class CheckpointManager:
         self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
         self._writer = background_writer()
-        self._frames = TorchSaveFrames()  # torch.save's output frames, reused by every save
+        self._records = TensorRecords()  # torch.save records of the tensors, reused by every save
         self._planner = LayoutCachingSavePlanner()
         self._pending: Future | None = None
         self._pending_step: int | None = None
@@ -123,7 +123,7 @@ class CheckpointManager:
         }
         blocking = blocking or self.cfg.checkpoint_mode == "sync"
         writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None,
-                                  frames=self._frames)
+                                  records=self._records)
         if blocking:
             try:
                 dcp.save({STATE_KEY: self.app_state}, storage_writer=writer, planner=self._planner,
