@@ -23,7 +23,8 @@ from trainer.checkpoint.frames import TorchSaveFrames, framing_alignment
 from trainer.checkpoint.layout import COMMIT_FILE
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
-from trainer.checkpoint.records import TensorRecords
+from trainer.checkpoint.records import ItemRecords
+from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter, zip_checksums
 
 
@@ -174,7 +175,7 @@ def test_frames_are_not_used_while_zip_crcs_are_on() -> None:
 
 def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
     """Across saves sharing one frame cache, the shard file is what stock DCP (CRCs off) writes."""
-    records = TensorRecords()
+    records = ItemRecords()
     for step in (1, 2):
         state = {key: value for key, value in _sample_state().items()}
         state["rows"] = state["rows"] + step  # new values, same layout
@@ -221,34 +222,37 @@ def _load_plain(path: Path, like: dict[str, object]) -> dict[str, object]:
     return loaded
 
 
-def test_tensor_records_are_reused_only_while_they_name_the_same_storage(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Saves of one state dict reuse each tensor's record, yet always write the tensors' current bytes."""
+def test_item_records_are_reused_only_while_their_values_stay_put(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves of one state dict reuse each item's record, yet always write the current values."""
     resolved: list[str] = []
     resolve = default_planner.DefaultSavePlanner.resolve_data
     monkeypatch.setattr(default_planner.DefaultSavePlanner, "resolve_data",
                         lambda self, item: resolved.append(item.index.fqn) or resolve(self, item))
-    records, planner = TensorRecords(), LayoutCachingSavePlanner()
-    state = {"rows": torch.randn(6, 4), "cols": torch.randn(3), "count": 1}
+    records, planner = ItemRecords(), LayoutCachingSavePlanner()
+    state = {"rows": torch.randn(6, 4), "cols": torch.randn(3), "count": 1, "group": {"lr": 0.5, "ids": ["a"]}}
 
-    def save(name: str) -> dict[str, object]:
+    def save(name: str) -> None:
         resolved.clear()
         dcp.save(state, storage_writer=CommittingWriter(tmp_path / name, {"step": 1}, records=records),
                  planner=planner, no_dist=True)
-        loaded = _load_plain(tmp_path / name, state)
+        loaded = _zeros_like(state) | {"group": {"lr": 0.0, "ids": []}}
+        dcp.load(loaded, checkpoint_id=tmp_path / name, no_dist=True)
         for key in ("rows", "cols"):
             assert torch.equal(loaded[key], state[key]), f"{name}: {key}"
-        return loaded
+        assert loaded["count"] == state["count"] and loaded["group"] == state["group"], name
 
     save("first")
-    assert sorted(resolved) == ["cols", "count", "rows"]
+    assert sorted(resolved) == ["cols", "count", "group.ids", "group.lr", "rows"]
     state["rows"].add_(1.0)  # new values in place: the record is reused and shows them
     save("in-place")
-    assert resolved == ["count"], "an unchanged tensor must not be resolved again"
+    assert resolved == [], "an unchanged item must not be resolved again"
     state["cols"] = torch.randn(3)  # another tensor object, same layout
     state["rows"].set_(torch.randn(6, 4))  # same object, same shape, other storage
+    state["count"] = 2
+    state["group"]["ids"].append("b")
     save("replaced")
-    assert sorted(resolved) == ["cols", "count", "rows"], "a replaced tensor or storage must be resolved afresh"
+    assert sorted(resolved) == ["cols", "count", "group.ids", "rows"], "changed items must be resolved afresh"
 
 
 def test_writer_finishes_files_through_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -271,3 +275,27 @@ def test_writer_finishes_files_through_short_writes(tmp_path: Path, monkeypatch:
     assert loaded["count"] == 3
     marker = json.loads((tmp_path / COMMIT_FILE).read_text())
     assert integrity.problems(tmp_path, marker["files"]) == []
+
+
+def test_stager_snapshots_values_and_follows_a_changed_layout() -> None:
+    live = {"weights": torch.randn(4, 3, requires_grad=True), "moments": [torch.zeros(5), torch.ones(2)],
+            "group": {"lr": 0.1, "betas": (0.9, 0.99), "params": ["weights"]}, "step": 7}
+    stager = ReusableHostStager()
+    stager.prepare(live)
+    staged = stager.stage(live)
+    buffers = [staged["weights"], *staged["moments"]]
+    with torch.no_grad():
+        expected = [tensor.clone() for tensor in (live["weights"], *live["moments"])]
+        live["weights"].add_(1.0)  # training goes on: the snapshot must not move
+        live["moments"][0].fill_(3.0)
+    live["group"]["lr"] = 0.05
+    live["group"]["params"].append("extra")
+    assert all(torch.equal(got, want) for got, want in zip(buffers, expected))
+    assert not staged["weights"].requires_grad, "a staged copy must not join the autograd graph"
+    assert staged["group"] == {"lr": 0.1, "betas": (0.9, 0.99), "params": ["weights"]} and staged["step"] == 7
+    again = stager.stage(live)
+    assert again["weights"] is buffers[0], "an unchanged layout must reuse its buffers"
+    assert torch.equal(again["weights"], live["weights"].detach()) and again["group"]["lr"] == 0.05
+    live["moments"].append(torch.full((3,), 2.0))  # the layout changed: new buffers, right values
+    grown = stager.stage(live)
+    assert torch.equal(grown["moments"][2], torch.full((3,), 2.0)) and torch.equal(grown["moments"][0], live["moments"][0])

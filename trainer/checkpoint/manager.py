@@ -34,7 +34,7 @@ from trainer.checkpoint.layout import (
 )
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
-from trainer.checkpoint.records import TensorRecords
+from trainer.checkpoint.records import ItemRecords
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
 from trainer.config import TrainConfig
@@ -89,7 +89,7 @@ class CheckpointManager:
         self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
         self._writer = background_writer()
-        self._records = TensorRecords()  # torch.save records of the tensors, reused by every save
+        self._records = ItemRecords()  # the items' torch.save records, reused by every save
         self._planner = LayoutCachingSavePlanner()
         self._pending: Future | None = None
         self._pending_step: int | None = None

@@ -1,28 +1,32 @@
-"""Each tensor item's ``torch.save`` record, resolved once and reused while its tensor stays put.
+"""Each write item's ``torch.save`` record, made once and reused while its value stays the same.
 
 An async save writes the same staging buffers every time, and the planner keeps one plan while
-the layout holds, so each write item names the same tensor, with the same frame, save after
+the layout holds, so each tensor item names the same tensor, with the same frame, save after
 save. Resolving the item and looking up its frame costs about 20 us of Python per tensor, on a
 CPU that training needs; here it is done once, and a later save only checks that the item still
 names the same tensor object over the same storage, then writes the cached frame and a view of
-the tensor's current bytes.
+the tensor's current bytes. Most byte items (hyperparameters, the parameter list) never change:
+their ``torch.save`` output is kept and reused while the value pickles to the same bytes.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.planner import SavePlanner, WriteItem
+from torch.distributed.checkpoint.planner import SavePlanner, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint.frames import TorchSaveFrames
 
+_SCALARS = (int, float, bool, str, bytes, type(None))
+
 
 @dataclass
-class _Record:
+class _TensorRecord:
     source: Any  # the state dict's value the item named
     local: torch.Tensor  # the tensor written (a DTensor's shard)
     address: int  # where its bytes were
@@ -42,21 +46,47 @@ def _local_tensor(source: Any) -> torch.Tensor | None:
     return source if type(source) is torch.Tensor else None
 
 
-class TensorRecords:
-    """Per-process cache: ``torch.save`` frames per tensor layout, and each tensor item's record."""
+def _plain(value: Any) -> bool:
+    """Scalars and lists, tuples and dicts of them: values whose pickle says exactly what they are."""
+    if isinstance(value, _SCALARS):
+        return True
+    if type(value) in (list, tuple):
+        return all(_plain(item) for item in value)
+    return type(value) is dict and all(_plain(key) and _plain(item) for key, item in value.items())
+
+
+class ItemRecords:
+    """Per-process cache of write items' records: frames per tensor layout, each item's record."""
 
     def __init__(self) -> None:
         self.frames = TorchSaveFrames()
-        self._records: dict[tuple, _Record] = {}
+        self._tensors: dict[tuple, _TensorRecord] = {}
+        self._bytes: dict[tuple, tuple[bytes, bytes]] = {}  # key -> (the value's pickle, its record)
 
     def pieces(self, planner: SavePlanner, item: WriteItem, alignment: int | None) -> list[Any]:
-        """The buffers of ``item``'s record, in order (its tensor as ``torch.save`` writes it)."""
-        key = (item.index.fqn, item.index.offset)
-        source = local = None
+        """The buffers of ``item``'s record, in order: what DCP's writer would write for it."""
+        source = None
         if type(planner).resolve_data is DefaultSavePlanner.resolve_data:  # no custom transform to run
             source = planner.state_dict.get(item.index.fqn)
-            local = _local_tensor(source)
-        record = self._records.get(key)
+        key = (item.index.fqn, item.index.offset, alignment)  # CRCs on (no alignment) change the bytes
+        if item.type == WriteItemType.BYTE_IO:
+            return [self._byte_record(planner, item, key, source)]
+        return self._tensor_pieces(planner, item, key, source, alignment)
+
+    def _byte_record(self, planner: SavePlanner, item: WriteItem, key: tuple, source: Any) -> bytes:
+        value_pickle = pickle.dumps(source) if source is not None and _plain(source) else None
+        cached = self._bytes.get(key)
+        if value_pickle is not None and cached is not None and cached[0] == value_pickle:
+            return cached[1]
+        record = planner.resolve_data(item).getvalue()
+        if value_pickle is not None:
+            self._bytes[key] = (value_pickle, record)
+        return record
+
+    def _tensor_pieces(self, planner: SavePlanner, item: WriteItem, key: tuple, source: Any,
+                       alignment: int | None) -> list[Any]:
+        local = _local_tensor(source)
+        record = self._tensors.get(key)
         if record is not None and record.still_valid(source, local, alignment):
             return record.pieces
         tensor = planner.resolve_data(item).detach().cpu()
@@ -65,11 +95,12 @@ class TensorRecords:
             local = None
         pieces, framed = self.frames.pieces(tensor, alignment)
         if framed and local is not None and tensor.data_ptr() == local.data_ptr():
-            self._records[key] = _Record(source, local, local.data_ptr(), alignment, pieces)
+            self._tensors[key] = _TensorRecord(source, local, local.data_ptr(), alignment, pieces)
         else:
-            self._records.pop(key, None)
+            self._tensors.pop(key, None)
         return pieces
 
-    def keep_only(self, keys: set[tuple]) -> None:
+    def keep_only(self, fqns: set[str]) -> None:
         """Forget items the last save did not write, so no stale tensor is kept alive."""
-        self._records = {key: record for key, record in self._records.items() if key in keys}
+        self._tensors = {key: record for key, record in self._tensors.items() if key[0] in fqns}
+        self._bytes = {key: record for key, record in self._bytes.items() if key[0] in fqns}

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from trainer.checkpoint.frames import framing_alignment
-from trainer.checkpoint.records import TensorRecords
+from trainer.checkpoint.records import ItemRecords
 from trainer.checkpoint.integrity import ALGORITHM, file_digest, new_hasher
 from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
 
@@ -117,13 +117,13 @@ class CommittingWriter(FileSystemWriter):
 
     ``marker`` is the commit marker's content minus what only the writer knows
     (files, bytes, timings); ``on_commit`` runs on the coordinator afterwards.
-    ``records`` is the process's cache of tensor records, kept across saves.
+    ``records`` is the process's cache of item records, kept across saves.
     """
 
     def __init__(self, path: Path, marker: dict[str, Any], on_commit: Callable[[dict], None] | None = None,
-                 records: TensorRecords | None = None) -> None:
+                 records: ItemRecords | None = None) -> None:
         super().__init__(path, overwrite=True)
-        self._records = records or TensorRecords()
+        self._records = records or ItemRecords()
         self.fs = _DigestingFileSystem(self._record_digest)
         self._digests: dict[str, dict[str, int]] = {}
         self._marker = marker
@@ -165,7 +165,7 @@ class CommittingWriter(FileSystemWriter):
         with torch.no_grad():  # writing needs no autograd; a DTensor then yields its shard directly
             while not file_queue.empty():
                 self._write_file(planner, *file_queue.get_nowait(), results, alignment)
-        self._records.keep_only({(result.index.fqn, result.index.offset) for result in results})
+        self._records.keep_only({result.index.fqn for result in results})
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -177,7 +177,7 @@ class CommittingWriter(FileSystemWriter):
         buffers: list[Any] = []
         offset = 0
         for item in ordered:
-            pieces = self._item_pieces(planner, item, alignment)
+            pieces = self._records.pieces(planner, item, alignment)
             length = sum(memoryview(piece).nbytes for piece in pieces)
             results.append(WriteResult(index=item.index, size_in_bytes=length,
                                        storage_data=_StorageInfo(storage_key, offset, length)))
@@ -187,11 +187,6 @@ class CommittingWriter(FileSystemWriter):
             stream.write_all(buffers)
             if self.sync_files:
                 os.fsync(stream.fileno())
-
-    def _item_pieces(self, planner: SavePlanner, item: WriteItem, alignment: int | None) -> list[Any]:
-        if item.type == WriteItemType.BYTE_IO:
-            return [planner.resolve_data(item).getbuffer()]
-        return self._records.pieces(planner, item, alignment)
 
     def finish(self, metadata: Any, results: Any) -> None:
         # DCP sends ``metadata`` back to every rank after this returns. The storage locations
