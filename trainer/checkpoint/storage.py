@@ -5,7 +5,8 @@ a small digest file. DCP calls ``finish`` on the coordinator only after every
 rank's ``write_data`` returned, so that is where the commit marker is written:
 a checkpoint is committed exactly when all ranks' files are durable. The files
 are laid out exactly as DCP's own writer lays them out (stock readers load them);
-only the tensor records are written through the ``torch.save`` frame cache.
+each item's ``torch.save`` record comes from the record cache (``records``), and
+each file goes out in a few ``writev`` calls.
 """
 
 from __future__ import annotations
