@@ -298,4 +298,5 @@ def test_stager_snapshots_values_and_follows_a_changed_layout() -> None:
     assert torch.equal(again["weights"], live["weights"].detach()) and again["group"]["lr"] == 0.05
     live["moments"].append(torch.full((3,), 2.0))  # the layout changed: new buffers, right values
     grown = stager.stage(live)
-    assert torch.equal(grown["moments"][2], torch.full((3,), 2.0)) and torch.equal(grown["moments"][0], live["moments"][0])
+    assert torch.equal(grown["moments"][2], torch.full((3,), 2.0))
+    assert torch.equal(grown["moments"][0], live["moments"][0])

@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from trainer.checkpoint.frames import framing_alignment
-from trainer.checkpoint.records import ItemRecords
 from trainer.checkpoint.integrity import ALGORITHM, file_digest, new_hasher
 from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
+from trainer.checkpoint.records import ItemRecords
 
 
 class _DigestingStream:
