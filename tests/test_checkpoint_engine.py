@@ -44,6 +44,12 @@ def _zeros_like(state: dict[str, object]) -> dict[str, object]:
     return {key: torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0 for key, value in state.items()}
 
 
+def _load_plain(path: Path, like: dict[str, object]) -> dict[str, object]:
+    loaded = _zeros_like(like)
+    dcp.load(loaded, checkpoint_id=path, no_dist=True)
+    return loaded
+
+
 @pytest.mark.parametrize("writer", ["dcp", "fsdp_train"])
 def test_range_reader_loads_every_tensor_exactly(tmp_path: Path, writer: str) -> None:
     state = _sample_state()
@@ -187,8 +193,7 @@ def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
         assert shards == sorted(path.name for path in ours.glob("*.distcp"))
         for name in shards:
             assert (ours / name).read_bytes() == (stock / name).read_bytes(), name
-        loaded = _zeros_like(state)
-        dcp.load(loaded, checkpoint_id=ours, no_dist=True)  # the stock reader
+        loaded = _load_plain(ours, state)  # the stock reader
         assert torch.equal(loaded["rows"], state["rows"])
 
 
@@ -211,15 +216,8 @@ def test_planner_reuses_the_local_plan_until_the_layout_changes(tmp_path: Path,
     save("grown", grown)
     assert len(builds) == 2, "a changed shape must be planned afresh"
     for name, expected in (("same-2", {"rows": torch.full((4, 3), 2.0), "count": 2}), ("grown", grown)):
-        loaded = _zeros_like(expected)
-        dcp.load(loaded, checkpoint_id=tmp_path / name, no_dist=True)
+        loaded = _load_plain(tmp_path / name, expected)
         assert torch.equal(loaded["rows"], expected["rows"]) and loaded["count"] == expected["count"], name
-
-
-def _load_plain(path: Path, like: dict[str, object]) -> dict[str, object]:
-    loaded = _zeros_like(like)
-    dcp.load(loaded, checkpoint_id=path, no_dist=True)
-    return loaded
 
 
 def test_item_records_are_reused_only_while_their_values_stay_put(tmp_path: Path,

@@ -21,8 +21,7 @@ from torch.distributed.checkpoint.planner import SavePlanner, WriteItem, WriteIt
 from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint.frames import TorchSaveFrames
-
-_SCALARS = (int, float, bool, str, bytes, type(None))
+from trainer.checkpoint.staging import SCALAR_TYPES
 
 
 @dataclass
@@ -48,7 +47,7 @@ def _local_tensor(source: Any) -> torch.Tensor | None:
 
 def _plain(value: Any) -> bool:
     """Scalars and lists, tuples and dicts of them: values whose pickle says exactly what they are."""
-    if isinstance(value, _SCALARS):
+    if isinstance(value, SCALAR_TYPES):
         return True
     if type(value) in (list, tuple):
         return all(_plain(item) for item in value)

@@ -16,7 +16,7 @@ import torch
 from torch.distributed._state_dict_utils import _create_cpu_state_dict
 from torch.distributed.tensor import DTensor
 
-_IMMUTABLE = (int, float, bool, str, bytes, type(None))
+SCALAR_TYPES = (int, float, bool, str, bytes, type(None))  # immutable: staged as they are
 
 
 class _LayoutChanged(Exception):
@@ -46,7 +46,7 @@ def _mirror(value: Any, buffer: Any, sources: list[torch.Tensor], targets: list[
         return {key: _mirror(item, buffer[key], sources, targets) for key, item in value.items()}
     if type(value) in (list, tuple) and isinstance(buffer, (list, tuple)) and len(buffer) == len(value):
         return type(value)(_mirror(item, other, sources, targets) for item, other in zip(value, buffer))
-    if isinstance(value, _IMMUTABLE):
+    if isinstance(value, SCALAR_TYPES):
         return value
     if _holds_tensor(value):  # a container whose tensors have no buffers yet
         raise _LayoutChanged
@@ -66,18 +66,16 @@ class ReusableHostStager:
         self._buffers: dict[str, Any] | None = None
 
     def prepare(self, state_dict: dict[str, Any]) -> None:
-        self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-        self.stage(state_dict)  # fault every page in now, not during the first save
+        """Allocate the buffers and copy once now: every page is faulted in before the first save."""
+        self.stage(state_dict)
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``state_dict`` in the reusable buffers (reallocated only if its layout changed)."""
         sources: list[torch.Tensor] = []
         targets: list[torch.Tensor] = []
         try:
-            if self._buffers is None:
-                raise _LayoutChanged
             staged = _mirror(state_dict, self._buffers, sources, targets)
-        except _LayoutChanged:
+        except _LayoutChanged:  # also the first time: there are no buffers yet
             self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
             sources.clear()
             targets.clear()

@@ -152,12 +152,12 @@ class CommittingWriter(FileSystemWriter):
         return future
 
     def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[list[WriteResult]]:
-        """DCP's one-thread write loop, with each tensor written through the frame cache.
+        """DCP's one-thread write loop, with each item's record taken from the record cache.
 
         Same layout as DCP's: per file, byte items first, then tensors, each a ``torch.save``
-        record at a recorded offset; a tensor that does not own exactly its storage is cloned
-        first, as DCP does, so a record holds only the tensor's own bytes. Each file goes out
-        in a few ``writev`` calls instead of three writes per tensor.
+        record at a recorded offset (``ItemRecords`` clones a tensor that does not own exactly
+        its storage, as DCP does). Each file goes out in a few ``writev`` calls instead of three
+        writes per tensor.
         """
         if self.transforms.extensions:
             raise ValueError("CommittingWriter does not support stream transform extensions")
