@@ -26,14 +26,14 @@ WARMUP_STEPS = 20
 KINDS = ("none", "every_10")
 
 
-def _config(checkpoint_dir: Path):
+def _config(checkpoint_dir: Path, writer: str):
     import yaml
 
     from trainer.config import TrainConfig
 
     settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     settings.update(checkpoint_dir=str(checkpoint_dir), max_steps=10**6, progress=False,
-                    checkpoint_first_step=False)
+                    checkpoint_first_step=False, checkpoint_writer=writer)
     return TrainConfig(**settings)
 
 
@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from trainer.train import Trainer
 
-    trainer = Trainer(_config(Path(args.work)))
+    trainer = Trainer(_config(Path(args.work), args.writer))
     trainer.setup()
     for _ in range(WARMUP_STEPS):
         trainer.train_step()
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=30,
                         help="pairs of 10-step blocks, one with a checkpoint and one without (default 30)")
+    parser.add_argument("--writer", choices=("process", "thread"), default="process",
+                        help="who writes the async saves, as --checkpoint-writer (default process)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -92,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fsdp-train-overhead-", dir=ROOT) as work:
         out = Path(work) / "blocks.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                   "-m", "bench.overhead", "--pairs", str(args.pairs), "--work", str(Path(work) / "ckpt"),
+                   "-m", "bench.overhead", "--pairs", str(args.pairs), "--writer", args.writer,
+                   "--work", str(Path(work) / "ckpt"),
                    "--out", str(out)]
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        result = summarize(json.loads(out.read_text()))
+        result = {**summarize(json.loads(out.read_text())), "writer": args.writer}
     rates, low, median, high = result["steps_per_s"], *result["pair_slowdown_quartiles"]
     print(f"steps/s without checkpoints: {rates['none']:.2f}; with one every 10 steps: {rates['every_10']:.2f}; "
-          f"slowdown {100 * result['slowdown']:.1f}% (target <= 2%)")
+          f"slowdown {100 * result['slowdown']:.1f}% (target <= 2%; {args.writer} writer)")
     print(f"per pair of blocks: median {100 * median:.1f}%, quartiles {100 * low:.1f}% .. {100 * high:.1f}% "
           f"({result['pairs']} pairs of {BLOCK_STEPS}-step blocks, one run)")
     if args.json:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_LM, run_cli
 from trainer.checkpoint.reader import read_tensors
@@ -66,6 +67,17 @@ def test_stopped_twice_at_other_world_sizes_matches(uninterrupted, tmp_path):
     assert len(step_losses(resumed)) == STEPS, "each step must be logged exactly once across segments"
     assert abs(ref_loss - loss) <= ATOL
     assert worst <= ATOL
+
+
+def test_thread_writer_writes_what_the_process_writer_writes(uninterrupted, tmp_path):
+    """Both async writers save the same bytes: a periodic (background) checkpoint compared tensor by tensor."""
+    threaded = tmp_path / "thread-writer"
+    train_segments(threaded, [(2, STEPS)], "--checkpoint-writer", "thread")
+    periodic = f"step-{STEPS - 4:08d}"  # the final save is synchronous; this one was written in the background
+    by_process = read_tensors(uninterrupted / periodic, "app.")
+    by_thread = read_tensors(threaded / periodic, "app.")
+    assert by_process.keys() == by_thread.keys() and len(by_process) > 10
+    assert all(torch.equal(by_process[key], by_thread[key]) for key in by_process)
 
 
 def test_control_a_real_difference_exceeds_the_tolerance(uninterrupted, tmp_path):

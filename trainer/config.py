@@ -50,6 +50,8 @@ class TrainConfig:
     checkpoint_first_step: bool = _opt(False, "also save right after step 1, so broken storage fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
                                 choices=("async", "sync"))
+    checkpoint_writer: str = _opt("process", "who writes async saves: a writer process per rank (off the trainer's "
+                                  "GIL; a thread where it cannot start) or a thread", choices=("process", "thread"))
     keep_last: int = _opt(3, "committed checkpoints to keep")
     resume_from: str | None = _opt(None, "resume from this step number or checkpoint path instead of the newest")
     no_resume: bool = _opt(False, "start fresh even if committed checkpoints exist")

@@ -66,6 +66,11 @@ def init_runtime(requested_device: str) -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, checkpoint_group)
 
 
+def store_address() -> tuple[str, int]:
+    """Where the job's rendezvous store listens (torchrun's, or rank 0's in a world of one)."""
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

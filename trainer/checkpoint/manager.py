@@ -1,8 +1,9 @@
 """Save, resume and retention policy for one training job.
 
 Saves: periodic saves are asynchronous (stage into reusable host buffers, then
-``dcp.save`` the copy on one long-lived writer thread at the lowest CPU priority,
-at most one in flight); the final and the emergency save are synchronous.
+``dcp.save`` the copy in a long-lived writer process, or a writer thread, at the
+lowest CPU priority, at most one in flight); the final and the emergency save are
+synchronous.
 Resume: newest committed checkpoint whose files still match their recorded sizes
 and checksums, verified by all ranks in parallel.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import STATE_KEY, AppState
 from trainer.checkpoint.background import background_writer
+from trainer.checkpoint.failures import root_cause
 from trainer.checkpoint.layout import (
     CheckpointInfo,
     committed_checkpoints,
@@ -37,13 +41,16 @@ from trainer.checkpoint.range_reader import RangeReader
 from trainer.checkpoint.records import ItemRecords
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter
+from trainer.checkpoint.writer_child import Hello
+from trainer.checkpoint.writer_process import WriterProcess, WriterProcessDied, WriterUnavailable
 from trainer.config import TrainConfig
-from trainer.distributed import Runtime, on_primary
+from trainer.distributed import Runtime, on_primary, store_address
 from trainer.errors import UserError
 
 log = logging.getLogger("fsdp_train")
 MARKER_FORMAT = 1
 SUPERSEDED_DIR = "superseded"
+WRITER_GROUP_TIMEOUT = timedelta(minutes=30)  # a collective may wait while the slowest rank writes its shards
 
 
 def shape_mismatch(expected: dict[str, Any], recorded: dict[str, Any]) -> str | None:
@@ -61,21 +68,6 @@ def check_compatible(cfg: TrainConfig, info: CheckpointInfo) -> None:
                         "pass the same model flags, or --no-resume / another --checkpoint-dir to start fresh")
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost OS error of a (possibly wrapped, per-rank) DCP failure, as one short phrase."""
-    seen: list[BaseException] = [exc]
-    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: exception}
-    if isinstance(failures, dict):  # values are (exception, traceback summary) pairs
-        seen += [value[0] if isinstance(value, tuple) else value for value in failures.values()]
-    while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
-        seen.append(seen[-1].__cause__ or seen[-1].__context__)
-    for candidate in seen:
-        if isinstance(candidate, OSError) and candidate.strerror:
-            return candidate.strerror
-    text = str(seen[-1]).strip()
-    return text.splitlines()[-1] if text else type(seen[-1]).__name__
-
-
 class CheckpointManager:
     def __init__(self, cfg: TrainConfig, runtime: Runtime, app_state: AppState, run_id: str) -> None:
         self.cfg = cfg
@@ -89,6 +81,7 @@ class CheckpointManager:
         self.restore_whole_items: list[str] = []  # tensors the last load read whole, not by row range
         self._stager = ReusableHostStager()
         self._writer = background_writer()
+        self._process: WriterProcess | None = None  # writes async saves when it runs, else the writer thread does
         self._records = ItemRecords()  # the items' torch.save records, reused by every save
         self._planner = LayoutCachingSavePlanner()
         self._pending: Future | None = None
@@ -97,10 +90,34 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Allocate staging buffers and start the writer thread now: the first async save costs what later ones do."""
+        """Allocate staging buffers and start the writers now: the first async save costs what later ones do."""
         if self.cfg.checkpoint_mode == "async":
             self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
             self._writer.submit(lambda: None).result()
+            if self.cfg.checkpoint_writer == "process":
+                self._process = self._start_writer_process()
+
+    def _start_writer_process(self) -> WriterProcess | None:
+        """A writer process on every rank, or on none: the writers' own group needs all of them."""
+        prefix = on_primary(self.rt, lambda: f"fsdp-train/writers/{uuid.uuid4().hex}/")
+        host, port = store_address()
+        hello = Hello(self.rt.rank, self.rt.world_size, host, port, prefix, WRITER_GROUP_TIMEOUT.total_seconds())
+        process: WriterProcess | None = None
+        problems: list[str] = []
+        try:
+            process = WriterProcess(hello)
+            process.map(self._stager)
+        except (WriterUnavailable, WriterProcessDied) as exc:
+            problems.append(f"rank {self.rt.rank}: {exc}")
+        problems = self._gather_problems(problems)
+        if problems:
+            if process is not None:
+                process.close()
+            if self.rt.is_primary:
+                log.warning("no checkpoint writer process (%s); async saves are written by a thread instead",
+                            problems[0])
+            return None
+        return process
 
     def save(self, step: int, *, blocking: bool, reason: str) -> None:
         self.wait()
@@ -122,20 +139,31 @@ class CheckpointManager:
             "config": self.cfg.to_dict(),
         }
         blocking = blocking or self.cfg.checkpoint_mode == "sync"
-        writer = CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None,
-                                  records=self._records)
         if blocking:
             try:
-                dcp.save({STATE_KEY: self.app_state}, storage_writer=writer, planner=self._planner,
-                         process_group=self.rt.checkpoint_group)
+                dcp.save({STATE_KEY: self.app_state}, storage_writer=self._storage_writer(path, marker),
+                         planner=self._planner, process_group=self.rt.checkpoint_group)
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any storage failure, one line
                 raise UserError(f"{self._discard_failed(step, exc)}; fix the volume (space, permissions) "
                                 "and re-run to resume") from None
             return
         staged = self._stager.stage({STATE_KEY: self.app_state.state_dict()})  # the only blocking part
-        self._pending = self._writer.submit(dcp.save, staged, storage_writer=writer, planner=self._planner,
-                                            process_group=self.rt.checkpoint_group)
+        self._pending = self._writer.submit(self._write_staged, staged, path, marker)
         self._pending_step = step
+
+    def _storage_writer(self, path: Path, marker: dict[str, Any]) -> CommittingWriter:
+        return CommittingWriter(path, marker, on_commit=self._after_commit if self.rt.is_primary else None,
+                                records=self._records)
+
+    def _write_staged(self, staged: dict[str, Any], path: Path, marker: dict[str, Any]) -> None:
+        """The background half of an async save, on the writer thread: in the writer process when there is one."""
+        if self._process is None:
+            dcp.save(staged, storage_writer=self._storage_writer(path, marker), planner=self._planner,
+                     process_group=self.rt.checkpoint_group)
+            return
+        committed = self._process.save(self._stager, staged, path, marker)
+        if committed is not None and self.rt.is_primary:
+            self._after_commit(committed)
 
     def wait(self) -> None:
         """Finish the in-flight save; a failed one is logged and training goes on."""
@@ -145,6 +173,8 @@ class CheckpointManager:
         self._pending = self._pending_step = None
         try:
             pending.result()
+        except WriterProcessDied as exc:  # its group is broken: restart the job, as for a lost rank
+            raise UserError(f"{self._discard_failed(step, exc)}; stopping so the job restarts from it") from None
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a failed save must not stop training
             message = self._discard_failed(step, exc)
             if self.rt.is_primary:
@@ -152,7 +182,7 @@ class CheckpointManager:
 
     def _discard_failed(self, step: int, exc: BaseException) -> str:
         """Remove the partial directory (rank 0) and return the one-line reason."""
-        reason = _root_cause(exc)
+        reason = root_cause(exc)
         message = f"checkpoint at step {step} failed ({reason}); the previous committed checkpoint is intact"
         if self.rt.is_primary:
             remove_tree(step_dir(self.root, step))
@@ -268,6 +298,10 @@ class CheckpointManager:
         log.warning("rewound to step %d: moved %d newer checkpoint(s) to %s", step, len(newer), aside)
 
     def close(self) -> None:
-        self.wait()
-        self._writer.shutdown()
-        self._stager.close()
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown()
+            if self._process is not None:
+                self._process.close()
+            self._stager.close()

@@ -3,8 +3,9 @@
 The training step is blocked only while tensors are copied into these buffers;
 the background writer then reads the copies while training mutates the
 originals. Buffers are sized up front (``prepare``) so the first save is as
-cheap as every later one. Pinned memory is used only where CUDA exists.
-All tensors are copied by one ``_foreach_copy_`` call, not one call each.
+cheap as every later one. They are views into one ``SharedArena``, so a writer
+process can map them too; pinned only where CUDA exists. All tensors are
+copied by one ``_foreach_copy_`` call, not one call each.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import copy
 from typing import Any
 
 import torch
-from torch.distributed._state_dict_utils import _create_cpu_state_dict
 from torch.distributed.tensor import DTensor
+
+from trainer.checkpoint.shared_arena import SharedArena, TensorRef, TensorSlot, materialize, place
 
 SCALAR_TYPES = (int, float, bool, str, bytes, type(None))  # immutable: staged as they are
 
@@ -53,6 +55,31 @@ def _mirror(value: Any, buffer: Any, sources: list[torch.Tensor], targets: list[
     return copy.deepcopy(value)
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested state dict, in the order ``_mirror`` visits them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _tensors(item)]
+    if type(value) in (list, tuple):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def _replace_tensors(value: Any, replacements: dict[int, Any]) -> Any:
+    """``value`` with containers rebuilt and each tensor swapped for ``replacements[id(tensor)]``.
+
+    Other leaves are dropped (None): ``_mirror`` takes them from the state dict at each stage.
+    """
+    if isinstance(value, torch.Tensor):
+        return replacements[id(value)]
+    if isinstance(value, dict):
+        return {key: _replace_tensors(item, replacements) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_replace_tensors(item, replacements) for item in value)
+    return value if isinstance(value, SCALAR_TYPES) else None
+
+
 def _holds_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -64,6 +91,10 @@ def _holds_tensor(value: Any) -> bool:
 class ReusableHostStager:
     def __init__(self) -> None:
         self._buffers: dict[str, Any] | None = None
+        self.arena: SharedArena | None = None
+        self.refs: list[TensorRef] = []  # where each buffer lives in the arena, in ``_mirror`` order
+        self.generation = 0  # counts allocations: a writer process re-maps when it changes
+        self._slot_of: dict[int, TensorSlot] = {}
 
     def prepare(self, state_dict: dict[str, Any]) -> None:
         """Allocate the buffers and copy once now: every page is faulted in before the first save."""
@@ -76,7 +107,7 @@ class ReusableHostStager:
         try:
             staged = _mirror(state_dict, self._buffers, sources, targets)
         except _LayoutChanged:  # also the first time: there are no buffers yet
-            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self._allocate(state_dict)
             sources.clear()
             targets.clear()
             staged = _mirror(state_dict, self._buffers, sources, targets)
@@ -84,5 +115,30 @@ class ReusableHostStager:
             torch._foreach_copy_(targets, sources)
         return staged
 
+    def _allocate(self, state_dict: dict[str, Any]) -> None:
+        """Buffers shaped like ``state_dict``'s tensors (a DTensor: its local shard), in a new arena."""
+        tensors = _tensors(state_dict)
+        arena, refs = place(tensors)
+        arena.pin()
+        buffers = [materialize(arena, ref, getattr(tensor, "device_mesh", None)) for tensor, ref in zip(tensors, refs)]
+        self.close()
+        self.arena, self.refs, self.generation = arena, refs, self.generation + 1
+        self._buffers = _replace_tensors(state_dict, {id(t): buffer for t, buffer in zip(tensors, buffers)})
+        self._slot_of = {id(buffer): TensorSlot(index) for index, buffer in enumerate(buffers)}
+
+    def slotted(self, staged: Any) -> Any:
+        """A staged state dict with each buffer replaced by its ``TensorSlot``: what a writer process is sent."""
+        if isinstance(staged, torch.Tensor):
+            return self._slot_of[id(staged)]
+        if isinstance(staged, dict):
+            return {key: self.slotted(item) for key, item in staged.items()}
+        if type(staged) in (list, tuple):
+            return type(staged)(self.slotted(item) for item in staged)
+        return staged
+
     def close(self) -> None:
         self._buffers = None
+        self._slot_of = {}
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None

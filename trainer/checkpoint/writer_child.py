@@ -1,0 +1,150 @@
+"""The writer process: runs each async save's ``dcp.save`` outside the trainer process.
+
+A writer thread shares the trainer's GIL, and a save's pickling holds it for milliseconds at
+a time while training waits to launch its next op. In a process of its own the same work
+only competes for a core. One writer process per rank lives as long as the trainer; the
+writers form their own gloo group (on the job's store, under a fresh prefix) and map the
+trainer's staging memory, so a save request carries only the small non-tensor values.
+
+It dies with its trainer (``PR_SET_PDEATHSIG``) so a killed rank never leaves a writer that
+could still commit, and it ignores SIGINT/SIGTERM: stopping is the trainer's decision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DeviceMesh
+
+from trainer.checkpoint import wire
+from trainer.checkpoint.background import BACKGROUND_NICE
+from trainer.checkpoint.failures import root_cause
+from trainer.checkpoint.planner import LayoutCachingSavePlanner
+from trainer.checkpoint.records import ItemRecords
+from trainer.checkpoint.shared_arena import SharedArena, ShardingRef, TensorRef, fill_slots, materialize
+from trainer.checkpoint.storage import CommittingWriter
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The first message: who this writer is and where its group meets."""
+
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    store_prefix: str
+    timeout_s: float
+
+
+def _die_with(parent_pid: int) -> None:
+    """Be killed when the trainer dies, however it dies; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the closed socket still ends the loop
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class _Writer:
+    """The writer's state across saves: the mapped staging memory, its tensors, the plan and record caches."""
+
+    def __init__(self) -> None:
+        self._arena: SharedArena | None = None
+        self._refs: list[TensorRef] = []
+        self._tensors: list[torch.Tensor] | None = None
+        self._meshes: dict[tuple, DeviceMesh] = {}
+        self._planner = LayoutCachingSavePlanner()
+        self._records = ItemRecords()
+
+    def map(self, fd: int, nbytes: int, refs: list[TensorRef]) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        self._arena, self._refs, self._tensors = SharedArena(nbytes, fd=fd), refs, None
+
+    def _mesh(self, sharding: ShardingRef | None) -> DeviceMesh | None:
+        if sharding is None:
+            return None
+        key = (str(sharding.mesh_ranks), sharding.mesh_dim_names)
+        if key not in self._meshes:
+            self._meshes[key] = DeviceMesh("cpu", torch.tensor(sharding.mesh_ranks),
+                                           mesh_dim_names=sharding.mesh_dim_names)
+        return self._meshes[key]
+
+    def save(self, slotted: Any, path: str, marker: dict[str, Any]) -> dict[str, Any] | None:
+        """Write one checkpoint; the commit marker on the coordinator, None elsewhere."""
+        if self._arena is None:
+            raise RuntimeError("no staging memory was mapped before the first save")
+        if self._tensors is None:  # the same objects every save: the planner and records caches hold
+            with torch.no_grad():
+                self._tensors = [materialize(self._arena, ref, self._mesh(ref.sharding)) for ref in self._refs]
+        committed: list[dict[str, Any]] = []
+        writer = CommittingWriter(Path(path), marker, on_commit=committed.append, records=self._records)
+        dcp.save(fill_slots(slotted, self._tensors), storage_writer=writer, planner=self._planner)
+        return committed[0] if committed else None
+
+
+def _join_group(hello: Hello) -> None:
+    store = dist.TCPStore(hello.store_host, hello.store_port, is_master=False,
+                          timeout=timedelta(seconds=hello.timeout_s))
+    dist.init_process_group("gloo", store=dist.PrefixStore(hello.store_prefix, store), rank=hello.rank,
+                            world_size=hello.world_size, timeout=timedelta(seconds=hello.timeout_s))
+
+
+def serve(sock: socket.socket) -> None:
+    """Join the writers' group, then answer save requests until the trainer closes the socket."""
+    hello, _ = wire.receive(sock)
+    try:
+        _join_group(hello)
+    except Exception as exc:  # noqa: BLE001 - reported to the trainer, which falls back to a thread
+        wire.send(sock, ("failed", f"could not join the writers' group: {root_cause(exc)}"))
+        return
+    wire.send(sock, ("ready",))
+    writer = _Writer()
+    while True:
+        try:
+            message, fds = wire.receive(sock)
+        except EOFError:
+            break
+        if message[0] == "map":
+            writer.map(fds[0], *message[1:])
+            continue
+        try:
+            wire.send(sock, ("saved", writer.save(*message[1:])))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - the trainer decides what a failure means
+            wire.send(sock, ("failed", root_cause(exc)))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    socket_fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
+    _die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)  # threads started later (gloo's) inherit it
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    with socket.socket(fileno=socket_fd) as sock:
+        serve(sock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The trainer's handle on its writer process (``writer_child``): start it, feed it saves, stop it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trainer
+from trainer.checkpoint import wire
+from trainer.checkpoint.failures import SaveFailed
+from trainer.checkpoint.shared_arena import shared_memory_supported
+from trainer.checkpoint.staging import ReusableHostStager
+from trainer.checkpoint.writer_child import Hello
+
+START_TIMEOUT_S = 120.0  # importing torch and meeting every other rank's writer
+STOP_TIMEOUT_S = 30.0
+
+
+class WriterUnavailable(Exception):
+    """The writer process could not be started here; saves are written by a thread instead."""
+
+
+class WriterProcessDied(Exception):
+    """The writer process exited while the trainer needed it."""
+
+
+class WriterProcess:
+    def __init__(self, hello: Hello) -> None:
+        if not shared_memory_supported():
+            raise WriterUnavailable("this OS has no memfd to share staging memory")
+        self._sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        package_root = str(Path(trainer.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        with child_end:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "trainer.checkpoint.writer_child", str(child_end.fileno()), str(os.getpid())],
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        self._mapped_generation = 0
+        try:
+            self._sock.settimeout(START_TIMEOUT_S)
+            self._send(hello)
+            reply = self._receive()
+            self._sock.settimeout(None)
+        except (OSError, WriterProcessDied) as exc:
+            self.close()
+            raise WriterUnavailable(str(exc)) from None
+        if reply[0] != "ready":
+            self.close()
+            raise WriterUnavailable(reply[1])
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _receive(self) -> Any:
+        try:
+            message, _fds = wire.receive(self._sock)
+        except (EOFError, ConnectionError):
+            raise self._died() from None
+        return message
+
+    def _send(self, message: Any, fds: tuple[int, ...] = ()) -> None:
+        try:
+            wire.send(self._sock, message, fds)
+        except ConnectionError:
+            raise self._died() from None
+
+    def _died(self) -> WriterProcessDied:
+        code = self._process.wait()
+        return WriterProcessDied(f"the checkpoint writer process (pid {self.pid}) exited with code {code}")
+
+    def map(self, stager: ReusableHostStager) -> None:
+        """Send the staging memory when it is new: once at start-up, and again only if the layout changed."""
+        if self._mapped_generation == stager.generation:
+            return
+        assert stager.arena is not None and stager.arena.fd is not None
+        self._send(("map", stager.arena.nbytes, stager.refs), fds=(stager.arena.fd,))
+        self._mapped_generation = stager.generation
+
+    def save(self, stager: ReusableHostStager, staged: Any, path: Path, marker: dict[str, Any]) -> dict | None:
+        """Have the writer process save ``staged`` (a stage of ``stager``); the commit marker on the coordinator."""
+        self.map(stager)
+        self._send(("save", stager.slotted(staged), str(path), marker))
+        reply = self._receive()
+        if reply[0] == "failed":
+            raise SaveFailed(reply[1])
+        return reply[1]
+
+    def close(self) -> None:
+        """Stop the writer: it sees the socket close, leaves its group and exits."""
+        self._sock.close()
+        try:
+            self._process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
