@@ -1,8 +1,9 @@
-"""The thread that writes async checkpoints: one, long-lived, at the lowest CPU priority.
+"""The thread that runs async checkpoint saves: one, long-lived, at the lowest CPU priority.
 
-On a node whose cores are busy training, every CPU-second a write takes is a CPU-second a
-step waits for, unless the write runs only when training leaves a core idle (collective
-waits, data loading). Linux nice values are per thread, so the writer thread alone is
+It writes each save itself (``--checkpoint-writer thread``) or hands it to the writer
+process and waits for the answer. On a node whose cores are busy training, every
+CPU-second a write takes is a CPU-second a step may wait for; nice 19 makes training
+win a contested core. Linux nice values are per thread, so the writer thread alone is
 lowered; it lives as long as the job, so it is started and lowered once.
 """
 

@@ -36,15 +36,22 @@ class WriterProcess:
         package_root = str(Path(trainer.__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         with child_end:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "trainer.checkpoint.writer_child", str(child_end.fileno()), str(os.getpid())],
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "trainer.checkpoint.writer_child", str(child_end.fileno()),
+                     str(os.getpid())], pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            except OSError as exc:
+                self._sock.close()
+                raise WriterUnavailable(f"could not start {sys.executable}: {exc.strerror}") from None
         self._mapped_generation = 0
         try:
             self._sock.settimeout(START_TIMEOUT_S)
             self._send(hello)
             reply = self._receive()
             self._sock.settimeout(None)
+        except TimeoutError:
+            self.close()
+            raise WriterUnavailable(f"no answer from the writer process within {START_TIMEOUT_S:.0f}s") from None
         except (OSError, WriterProcessDied) as exc:
             self.close()
             raise WriterUnavailable(str(exc)) from None
