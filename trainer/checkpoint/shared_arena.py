@@ -15,7 +15,7 @@ import math
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
@@ -99,8 +99,18 @@ class SharedArena:
             self.fd = None
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
+def local_shard(value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard, any other tensor itself."""
     return value._local_tensor if isinstance(value, DTensor) else value
+
+
+def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with its dicts, lists and tuples rebuilt and every other value replaced by ``leaf(value)``."""
+    if isinstance(value, dict):
+        return {key: map_leaves(item, leaf) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(map_leaves(item, leaf) for item in value)
+    return leaf(value)
 
 
 def place(tensors: list[torch.Tensor]) -> tuple[SharedArena, list[TensorRef]]:
@@ -108,7 +118,7 @@ def place(tensors: list[torch.Tensor]) -> tuple[SharedArena, list[TensorRef]]:
     refs: list[TensorRef] = []
     offset = 0
     for tensor in tensors:
-        local = _local(tensor)
+        local = local_shard(tensor)
         sharding = None
         if isinstance(tensor, DTensor):
             mesh = tensor.device_mesh
@@ -130,10 +140,4 @@ def materialize(arena: SharedArena, ref: TensorRef, mesh: DeviceMesh | None) -> 
 
 def fill_slots(value: Any, tensors: list[torch.Tensor]) -> Any:
     """``value`` with every ``TensorSlot`` replaced by the tensor it stands for."""
-    if isinstance(value, TensorSlot):
-        return tensors[value.index]
-    if isinstance(value, dict):
-        return {key: fill_slots(item, tensors) for key, item in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(fill_slots(item, tensors) for item in value)
-    return value
+    return map_leaves(value, lambda leaf: tensors[leaf.index] if isinstance(leaf, TensorSlot) else leaf)

@@ -14,19 +14,22 @@ import copy
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from trainer.checkpoint.shared_arena import SharedArena, TensorRef, TensorSlot, materialize, place
+from trainer.checkpoint.shared_arena import (
+    SharedArena,
+    TensorRef,
+    TensorSlot,
+    local_shard,
+    map_leaves,
+    materialize,
+    place,
+)
 
 SCALAR_TYPES = (int, float, bool, str, bytes, type(None))  # immutable: staged as they are
 
 
 class _LayoutChanged(Exception):
     """The state dict no longer has the structure or tensor shapes the buffers were made for."""
-
-
-def _local(value: torch.Tensor) -> torch.Tensor:
-    return value._local_tensor if isinstance(value, DTensor) else value
 
 
 def _mirror(value: Any, buffer: Any, sources: list[torch.Tensor], targets: list[torch.Tensor]) -> Any:
@@ -38,7 +41,7 @@ def _mirror(value: Any, buffer: Any, sources: list[torch.Tensor], targets: list[
     if isinstance(value, torch.Tensor):
         if not isinstance(buffer, torch.Tensor):
             raise _LayoutChanged
-        source, target = _local(value), _local(buffer)
+        source, target = local_shard(value), local_shard(buffer)
         if source.shape != target.shape or source.dtype != target.dtype:
             raise _LayoutChanged
         sources.append(source)
@@ -50,49 +53,23 @@ def _mirror(value: Any, buffer: Any, sources: list[torch.Tensor], targets: list[
         return type(value)(_mirror(item, other, sources, targets) for item, other in zip(value, buffer))
     if isinstance(value, SCALAR_TYPES):
         return value
-    if _holds_tensor(value):  # a container whose tensors have no buffers yet
+    if _tensors(value):  # a container whose tensors have no buffers yet
         raise _LayoutChanged
     return copy.deepcopy(value)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested state dict, in the order ``_mirror`` visits them."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [tensor for item in value.values() for tensor in _tensors(item)]
-    if type(value) in (list, tuple):
-        return [tensor for item in value for tensor in _tensors(item)]
-    return []
-
-
-def _replace_tensors(value: Any, replacements: dict[int, Any]) -> Any:
-    """``value`` with containers rebuilt and each tensor swapped for ``replacements[id(tensor)]``.
-
-    Other leaves are dropped (None): ``_mirror`` takes them from the state dict at each stage.
-    """
-    if isinstance(value, torch.Tensor):
-        return replacements[id(value)]
-    if isinstance(value, dict):
-        return {key: _replace_tensors(item, replacements) for key, item in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_replace_tensors(item, replacements) for item in value)
-    return value if isinstance(value, SCALAR_TYPES) else None
-
-
-def _holds_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_tensor(item) for item in value.values())
-    return type(value) in (list, tuple) and any(_holds_tensor(item) for item in value)
+    """Every tensor in a nested state dict."""
+    found: list[torch.Tensor] = []
+    map_leaves(value, lambda leaf: found.append(leaf) if isinstance(leaf, torch.Tensor) else None)
+    return found
 
 
 class ReusableHostStager:
     def __init__(self) -> None:
         self._buffers: dict[str, Any] | None = None
         self.arena: SharedArena | None = None
-        self.refs: list[TensorRef] = []  # where each buffer lives in the arena, in ``_mirror`` order
+        self.refs: list[TensorRef] = []  # where each buffer lives in the arena; a TensorSlot indexes this list
         self.generation = 0  # counts allocations: a writer process re-maps when it changes
         self._slot_of: dict[int, TensorSlot] = {}
 
@@ -123,18 +100,19 @@ class ReusableHostStager:
         buffers = [materialize(arena, ref, getattr(tensor, "device_mesh", None)) for tensor, ref in zip(tensors, refs)]
         self.close()
         self.arena, self.refs, self.generation = arena, refs, self.generation + 1
-        self._buffers = _replace_tensors(state_dict, {id(t): buffer for t, buffer in zip(tensors, buffers)})
+        buffer_of = {id(tensor): buffer for tensor, buffer in zip(tensors, buffers)}
+
+        def buffer_leaf(leaf: Any) -> Any:  # other values are left out: _mirror copies them at each stage
+            if isinstance(leaf, torch.Tensor):
+                return buffer_of[id(leaf)]
+            return leaf if isinstance(leaf, SCALAR_TYPES) else None
+
+        self._buffers = map_leaves(state_dict, buffer_leaf)
         self._slot_of = {id(buffer): TensorSlot(index) for index, buffer in enumerate(buffers)}
 
     def slotted(self, staged: Any) -> Any:
         """A staged state dict with each buffer replaced by its ``TensorSlot``: what a writer process is sent."""
-        if isinstance(staged, torch.Tensor):
-            return self._slot_of[id(staged)]
-        if isinstance(staged, dict):
-            return {key: self.slotted(item) for key, item in staged.items()}
-        if type(staged) in (list, tuple):
-            return type(staged)(self.slotted(item) for item in staged)
-        return staged
+        return map_leaves(staged, lambda leaf: self._slot_of[id(leaf)] if isinstance(leaf, torch.Tensor) else leaf)
 
     def close(self) -> None:
         self._buffers = None
