@@ -204,6 +204,7 @@ def phase_load(args: argparse.Namespace) -> None:
     work = Path(args.work)
     cfg = _bench_config(args.state_gb, work / "fsdp_train")
     cfg.resume_from = args.checkpoint
+    cfg.checkpoint_mode = "sync"  # this phase only loads: no staging memory or writer processes to start
     trainer = Trainer(cfg)
     dist.init_process_group("gloo")  # first, to time the read bound; setup() then joins this group
     rank, world = dist.get_rank(), dist.get_world_size()
