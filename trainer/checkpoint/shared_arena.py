@@ -75,10 +75,6 @@ class SharedArena:
         if torch.cuda.is_available() and not self._pinned:
             self._pinned = int(torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.nbytes, 0)) == 0
 
-    @property
-    def shareable(self) -> bool:
-        return self.fd is not None
-
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         count = math.prod(shape) * dtype.itemsize
         return self.bytes[offset:offset + count].view(dtype).view(shape)
