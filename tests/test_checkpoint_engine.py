@@ -139,6 +139,11 @@ def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _dcp_item_bytes(tensor: torch.Tensor) -> bytes:
+    """What DCP's own writer writes for a tensor: ``torch.save`` of a clone when it is a view."""
+    return _torch_save_bytes(tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor)
+
+
 def _framed_bytes(frames: TorchSaveFrames, tensor: torch.Tensor) -> bytes:
     return b"".join(memoryview(piece).cast("B").tobytes() for piece in frames.pieces(tensor, framing_alignment())[0])
 
@@ -151,23 +156,27 @@ FRAME_CASES = {
     "bool": (lambda: torch.rand(6) > 0.5, True),
     "empty": (lambda: torch.zeros(0, 3), False),
     "transposed": (lambda: torch.randn(4, 6).t(), False),
-    "narrowed": (lambda: torch.randn(9, 3)[2:6], False),
+    "narrowed": (lambda: torch.randn(9, 3)[2:6], True),  # a view: its own bytes, as DCP's clone
+    "arena_slice": (lambda: torch.randn(40)[8:20].view(3, 4), True),
     "requires_grad": (lambda: torch.randn(3, requires_grad=True), False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(FRAME_CASES))
-def test_frames_write_exactly_what_torch_save_writes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frames_write_exactly_what_dcp_writes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     make, reuses_frame = FRAME_CASES[case]
     frames = TorchSaveFrames()
     with zip_checksums(False):
         tensors = [make(), make()]  # same layout, other values
-        expected = [_torch_save_bytes(tensor) for tensor in tensors]
+        expected = [_dcp_item_bytes(tensor) for tensor in tensors]
         for tensor, reference in zip(tensors, expected):
             written = _framed_bytes(frames, tensor)
             assert written == reference
             if reuses_frame:  # from now on torch.save must not run for this layout
                 monkeypatch.setattr(torch, "save", lambda *args, **kwargs: pytest.fail("torch.save ran again"))
+        if reuses_frame:  # the payload is the tensor's own memory, not a copy
+            payload = frames.pieces(tensors[1], framing_alignment())[0][1]
+            assert payload.ctypes.data == tensors[1].data_ptr() and payload.nbytes == tensors[1].nbytes
     assert torch.equal(torch.load(io.BytesIO(written), weights_only=True), tensors[1].detach())
 
 

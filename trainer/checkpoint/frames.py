@@ -8,6 +8,11 @@ directory. The frame depends only on the tensor's layout, never on its values, a
 repeats every save. So the first save of each layout runs the real ``torch.save`` and records
 its frame, and later saves write frame + storage bytes: byte for byte what ``torch.save`` would
 have written, which is what keeps checkpoints readable by ``torch.load`` and stock DCP.
+
+A tensor that is a view into a larger storage (a staging buffer in the shared arena, an
+FSDP2 shard narrowed from its padded storage) is written as DCP's writer writes it: as
+``torch.save`` of its clone, which holds only the tensor's own bytes. The frame comes from one
+clone per layout; later saves write the view's bytes directly, with no copy.
 """
 
 from __future__ import annotations
@@ -38,15 +43,19 @@ def _address(buffer: Any) -> int:
 def frame_key(tensor: torch.Tensor, alignment: int) -> tuple | None:
     """Everything the frame depends on, or None for tensors that always take the real ``torch.save``.
 
-    Only plain, dense, contiguous CPU tensors that own exactly their storage qualify; anything that
-    adds to the pickle (grad, Python attributes, conj/neg bits) does not.
+    Only plain, dense, contiguous CPU tensors qualify; anything that adds to the pickle (grad,
+    Python attributes, conj/neg bits) does not.
     """
     if (type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.layout != torch.strided
             or tensor.requires_grad or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()
-            or tensor.__dict__ or not tensor.is_contiguous() or tensor.storage_offset()
-            or tensor.nbytes == 0 or tensor.untyped_storage().nbytes() != tensor.nbytes):
+            or tensor.__dict__ or not tensor.is_contiguous() or tensor.nbytes == 0):
         return None
     return tensor.dtype, tuple(tensor.shape), alignment
+
+
+def owns_its_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``torch.save`` would write exactly this tensor's bytes (else DCP saves a clone)."""
+    return tensor.untyped_storage().nbytes() == tensor.nbytes
 
 
 class _FrameRecorder:
@@ -82,21 +91,23 @@ class TorchSaveFrames:
         self._frames: dict[tuple, Frame] = {}
 
     def pieces(self, tensor: torch.Tensor, alignment: int | None) -> tuple[list[Any], bool]:
-        """``torch.save(tensor)``'s exact bytes as buffers to write in order, and whether they are framed.
+        """The bytes DCP's writer writes for ``tensor``, as buffers to write in order, and whether
+        they are framed: ``torch.save(tensor)``, or of its clone when it is a view into a larger storage.
 
-        Framed buffers are a cached frame around a view of the tensor's storage (no copy): they
+        Framed buffers are a cached frame around a view of the tensor's bytes (no copy): they
         stay valid, and keep showing the tensor's current values, as long as that storage does.
         ``alignment`` comes from ``framing_alignment``.
         """
         key = None if alignment is None else frame_key(tensor, alignment)
-        if key is None:
-            buffer = io.BytesIO()
-            torch.save(tensor, buffer)
-            return [buffer.getbuffer()], False
-        frame = self._frames.get(key)
-        if frame is None:  # first of its layout: the real torch.save, recorded
-            recorder = _FrameRecorder(tensor.untyped_storage())
-            torch.save(tensor, recorder)
+        frame = None if key is None else self._frames.get(key)
+        if frame is None:
+            own = tensor if owns_its_storage(tensor) else tensor.clone()
+            if key is None:
+                buffer = io.BytesIO()
+                torch.save(own, buffer)
+                return [buffer.getbuffer()], False
+            recorder = _FrameRecorder(own.untyped_storage())  # first of its layout: the real torch.save
+            torch.save(own, recorder)
             frame = recorder.frame()
             if frame is None:
                 return recorder.parts, False

@@ -89,10 +89,7 @@ class ItemRecords:
         if record is not None and record.still_valid(source, local, alignment):
             return record.pieces
         tensor = planner.resolve_data(item).detach().cpu()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # a record holds only the tensor's own bytes, as in DCP's writer
-            local = None
-        pieces, framed = self.frames.pieces(tensor, alignment)
+        pieces, framed = self.frames.pieces(tensor, alignment)  # a view's own bytes only, as in DCP's writer
         if framed and local is not None and tensor.data_ptr() == local.data_ptr():
             self._tensors[key] = _TensorRecord(source, local, local.data_ptr(), alignment, pieces)
         else:

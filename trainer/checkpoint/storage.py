@@ -155,8 +155,8 @@ class CommittingWriter(FileSystemWriter):
         """DCP's one-thread write loop, with each item's record taken from the record cache.
 
         Same layout as DCP's: per file, byte items first, then tensors, each a ``torch.save``
-        record at a recorded offset (``ItemRecords`` clones a tensor that does not own exactly
-        its storage, as DCP does). Each file goes out in a few ``writev`` calls instead of three
+        record at a recorded offset (a view holds only its own bytes, as DCP's clone does, but
+        uncopied: see ``frames``). Each file goes out in a few ``writev`` calls instead of three
         writes per tensor.
         """
         if self.transforms.extensions:
