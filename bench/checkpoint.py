@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 METHODS = ("torch_save", "dcp_save", "dcp_async_save", "fsdp_train")
+OUTPUT_PREFIX = {"torch_save": "torch-", "dcp_save": "dcp-", "dcp_async_save": "async-"}  # removed after each sample
 
 
 # ---- helpers shared by the phases (run inside torchrun workers) ------------------------------
@@ -102,12 +103,15 @@ def phase_save(args: argparse.Namespace) -> None:
     dist.all_reduce(total)
     results: dict = {"state_bytes": int(total.item()), "world_size": trainer.rt.world_size}
 
+    def output(name: str, tag: str) -> Path:
+        return work / f"{OUTPUT_PREFIX[name]}{tag}"
+
     def torch_save(tag: str) -> tuple[float, float]:
         def save() -> None:
             model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer,
                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
-                with open(work / f"torch-{tag}.pt", "wb") as out:
+                with open(output("torch_save", tag), "wb") as out:
                     torch.save({"model": model_sd, "optim": optim_sd}, out)
                     out.flush()
                     os.fsync(out.fileno())
@@ -115,13 +119,13 @@ def phase_save(args: argparse.Namespace) -> None:
         return seconds, seconds
 
     def dcp_save(tag: str) -> tuple[float, float]:
-        seconds = _timed(lambda: dcp.save(state, checkpoint_id=work / f"dcp-{tag}", process_group=group))
+        seconds = _timed(lambda: dcp.save(state, checkpoint_id=output("dcp_save", tag), process_group=group))
         return seconds, seconds
 
     def dcp_async_save(tag: str) -> tuple[float, float]:
         dist.barrier()
         started = time.perf_counter()
-        future = dcp.async_save(state, checkpoint_id=work / f"async-{tag}", process_group=group)
+        future = dcp.async_save(state, checkpoint_id=output("dcp_async_save", tag), process_group=group)
         blocking = time.perf_counter() - started
         future.result()
         dist.barrier()
@@ -168,7 +172,7 @@ def phase_save(args: argparse.Namespace) -> None:
     def sample(name: str, method, tag: str) -> tuple[float, float]:
         blocking, durable = (_max_over_ranks(v) for v in method(tag))
         if rank == 0 and name != "fsdp_train":
-            for leftover in work.glob(f"{name.split('_')[0]}*"):
+            for leftover in work.glob(f"{OUTPUT_PREFIX[name]}*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         dist.barrier()
         return blocking, durable
