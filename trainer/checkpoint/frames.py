@@ -90,11 +90,11 @@ class TorchSaveFrames:
     def __init__(self) -> None:
         self._frames: dict[tuple, Frame] = {}
 
-    def pieces(self, tensor: torch.Tensor, alignment: int | None) -> tuple[list[Any], bool]:
-        """The bytes DCP's writer writes for ``tensor``, as buffers to write in order, and whether
+    def pieces(self, tensor: torch.Tensor, alignment: int | None) -> tuple[list[memoryview], bool]:
+        """The bytes DCP's writer writes for ``tensor``, as byte views to write in order, and whether
         they are framed: ``torch.save(tensor)``, or of its clone when it is a view into a larger storage.
 
-        Framed buffers are a cached frame around a view of the tensor's bytes (no copy): they
+        Framed views are a cached frame around a view of the tensor's bytes (no copy): they
         stay valid, and keep showing the tensor's current values, as long as that storage does.
         ``alignment`` comes from ``framing_alignment``.
         """
@@ -110,7 +110,7 @@ class TorchSaveFrames:
             torch.save(own, recorder)
             frame = recorder.frame()
             if frame is None:
-                return recorder.parts, False
+                return [memoryview(part) for part in recorder.parts], False
             self._frames[key] = frame
         head, tail = frame
-        return [head, tensor.reshape(-1).view(torch.uint8).numpy(), tail], True
+        return [memoryview(head), memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), memoryview(tail)], True

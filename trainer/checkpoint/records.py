@@ -30,7 +30,7 @@ class _TensorRecord:
     local: torch.Tensor  # the tensor written (a DTensor's shard)
     address: int  # where its bytes were
     alignment: int
-    pieces: list[Any]
+    pieces: list[memoryview]
 
     def still_valid(self, source: Any, local: torch.Tensor | None, alignment: int | None) -> bool:
         return (source is self.source and local is self.local and alignment == self.alignment
@@ -62,14 +62,14 @@ class ItemRecords:
         self._tensors: dict[tuple, _TensorRecord] = {}
         self._bytes: dict[tuple, tuple[bytes, bytes]] = {}  # key -> (the value's pickle, its record)
 
-    def pieces(self, planner: SavePlanner, item: WriteItem, alignment: int | None) -> list[Any]:
-        """The buffers of ``item``'s record, in order: what DCP's writer would write for it."""
+    def pieces(self, planner: SavePlanner, item: WriteItem, alignment: int | None) -> list[memoryview]:
+        """The byte views of ``item``'s record, in order: what DCP's writer would write for it."""
         source = None
         if type(planner).resolve_data is DefaultSavePlanner.resolve_data:  # no custom transform to run
             source = planner.state_dict.get(item.index.fqn)
         key = (item.index.fqn, item.index.offset, alignment)  # CRCs on (no alignment) change the bytes
         if item.type == WriteItemType.BYTE_IO:
-            return [self._byte_record(planner, item, key, source)]
+            return [memoryview(self._byte_record(planner, item, key, source))]
         return self._tensor_pieces(planner, item, key, source, alignment)
 
     def _byte_record(self, planner: SavePlanner, item: WriteItem, key: tuple, source: Any) -> bytes:
@@ -83,7 +83,7 @@ class ItemRecords:
         return record
 
     def _tensor_pieces(self, planner: SavePlanner, item: WriteItem, key: tuple, source: Any,
-                       alignment: int | None) -> list[Any]:
+                       alignment: int | None) -> list[memoryview]:
         local = _local_tensor(source)
         record = self._tensors.get(key)
         if record is not None and record.still_valid(source, local, alignment):

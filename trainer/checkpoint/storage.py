@@ -47,9 +47,8 @@ class _DigestingStream:
         self.size += len(view)
         return self._raw.write(view)
 
-    def write_all(self, buffers: list[Any]) -> None:
-        """Write many buffers in order with as few system calls as the OS allows (``writev``)."""
-        views = [memoryview(buffer).cast("B") for buffer in buffers]
+    def write_all(self, views: list[memoryview]) -> None:
+        """Write many byte views (format ``B``) in order with as few system calls as the OS allows (``writev``)."""
         for view in views:
             self.hasher.update(view)
         self._raw.flush()
@@ -175,11 +174,11 @@ class CommittingWriter(FileSystemWriter):
                     results: list[WriteResult], alignment: int | None) -> None:
         """One shard file: byte items first, then tensors, written in a few ``writev`` calls."""
         ordered = sorted(items, key=lambda item: item.type != WriteItemType.BYTE_IO)
-        buffers: list[Any] = []
+        buffers: list[memoryview] = []
         offset = 0
         for item in ordered:
             pieces = self._records.pieces(planner, item, alignment)
-            length = sum(memoryview(piece).nbytes for piece in pieces)
+            length = sum(len(piece) for piece in pieces)
             results.append(WriteResult(index=item.index, size_in_bytes=length,
                                        storage_data=_StorageInfo(storage_key, offset, length)))
             buffers += pieces
