@@ -2,9 +2,9 @@
 
 Run ``python -m bench.checkpoint [--state-gb 1.5] [--json FILE]``. It starts two torchrun
 phases on this machine: 2 ranks save the same FSDP2 model + AdamW state with every method
-(first and a warm second save each) and measure the memory-copy and fsync'd disk-write
-bounds; then 3 ranks measure the disk-read bound and the resharding load (2 -> 3) of the
-checkpoint this project wrote. Page caches are dropped before each read when allowed.
+(a first save, then warm saves in rounds with the fsync'd disk-write bound) and measure the
+memory-copy bound; then 3 ranks alternate the disk-read bound and the resharding load (2 -> 3)
+of the checkpoint this project wrote. Page caches are dropped before each read when allowed.
 Every figure comes from the same run, so ratios between them are meaningful.
 """
 
@@ -240,15 +240,12 @@ def phase_load(args: argparse.Namespace) -> None:
         return _max_over_ranks(_timed(action))
 
     dropped = _drop_caches() if rank == 0 else True
-    read_seconds = [cold(read_share) for _ in range(args.repeats)]
-    if rank == 0:
-        _drop_caches()
-    dist.barrier()
-    trainer.setup()  # builds the model, then verifies and loads the checkpoint written by 2 ranks
-    load_seconds = [_max_over_ranks(trainer.checkpoints.last_restore_seconds)]
-    for _ in range(args.repeats - 1):
-        cold(lambda: None)
-        trainer.checkpoints.restore()
+    read_seconds, load_seconds = [], []
+    # This disk's read throughput drifts within a run too, so bound and load samples alternate.
+    for round_index in range(args.repeats):
+        read_seconds.append(cold(read_share))
+        # The first load is setup's: it builds the model, then verifies and loads the checkpoint.
+        cold(trainer.checkpoints.restore if round_index else trainer.setup)
         load_seconds.append(_max_over_ranks(trainer.checkpoints.last_restore_seconds))
     result = {"disk_read_s": min(read_seconds), "reshard_2_to_3_s": min(load_seconds),
               "page_cache_dropped": dropped}
