@@ -40,7 +40,7 @@ def show(path: str) -> str:
         shape = "x".join(map(str, entry.size)) or "scalar"
         lines.append(f"  {key:56} {shape:>16} {str(entry.properties.dtype).removeprefix('torch.'):>8} "
                      f"{nbytes:>12}  {_sharding(entry)}")
-    lines.append("  files: " + ", ".join(f"{name} ({entry['bytes']} B, {' '.join(integrity.recorded_checksum(entry))})"
+    lines.append("  files: " + ", ".join(f"{name} ({entry['bytes']} B, {integrity.describe(entry)})"
                                           for name, entry in sorted(marker["files"].items())))
     return "\n".join(lines)
 

@@ -28,34 +28,31 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from trainer.checkpoint.frames import framing_alignment
-from trainer.checkpoint.integrity import ALGORITHM, file_digest, new_hasher
+from trainer.checkpoint.integrity import BlockDigests, file_digest
 from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
 from trainer.checkpoint.records import ItemRecords
 
 
 class _DigestingStream:
-    """File proxy that keeps a running checksum and size of every byte written."""
+    """File proxy that keeps running block checksums and the size of every byte written."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self.hasher = new_hasher()
-        self.size = 0
+        self.digests = BlockDigests()
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.hasher.update(view)
-        self.size += len(view)
+        self.digests.update(view)
         return self._raw.write(view)
 
     def write_all(self, views: list[memoryview]) -> None:
         """Write many byte views (format ``B``) in order with as few system calls as the OS allows (``writev``)."""
         for view in views:
-            self.hasher.update(view)
+            self.digests.update(view)
         self._raw.flush()
         descriptor = self._raw.fileno()
         for start in range(0, len(views), _IOV_MAX):
             _writev_fully(descriptor, views[start:start + _IOV_MAX])
-        self.size += sum(len(view) for view in views)
 
     def seek(self, *args: Any) -> int:
         raise OSError("checkpoint streams are append-only")
@@ -80,7 +77,7 @@ def _writev_fully(descriptor: int, views: list[memoryview]) -> None:
 
 
 class _DigestingFileSystem(FileSystem):
-    def __init__(self, on_close: Callable[[str, dict[str, int]], None]) -> None:
+    def __init__(self, on_close: Callable[[str, dict[str, Any]], None]) -> None:
         super().__init__()
         self._on_close = on_close
 
@@ -92,7 +89,7 @@ class _DigestingFileSystem(FileSystem):
                 return
             stream = _DigestingStream(raw)
             yield stream
-        self._on_close(Path(path).name, {"bytes": stream.size, ALGORITHM: stream.hasher.hexdigest()})
+        self._on_close(Path(path).name, stream.digests.entry())
 
 
 @contextmanager
@@ -125,12 +122,12 @@ class CommittingWriter(FileSystemWriter):
         super().__init__(path, overwrite=True)
         self._records = records or ItemRecords()
         self.fs = _DigestingFileSystem(self._record_digest)
-        self._digests: dict[str, dict[str, int]] = {}
+        self._digests: dict[str, dict[str, Any]] = {}
         self._marker = marker
         self._on_commit = on_commit
         self._started = time.time()
 
-    def _record_digest(self, name: str, digest: dict[str, int]) -> None:
+    def _record_digest(self, name: str, digest: dict[str, Any]) -> None:
         self._digests[name] = digest
 
     def prepare_local_plan(self, plan: Any) -> Any:
@@ -194,7 +191,7 @@ class CommittingWriter(FileSystemWriter):
         super().finish(dataclasses.replace(metadata), results)
         root = Path(self.path)
         written = self._digests.get(_METADATA_TMP)  # digested on the way out: no need to read it back
-        files: dict[str, dict[str, int]] = {".metadata": written or file_digest(root / ".metadata")}
+        files: dict[str, dict[str, Any]] = {".metadata": written or file_digest(root / ".metadata")}
         for digest_file in sorted(root.glob(f".rank-*{DIGEST_SUFFIX}")):
             files.update(json.loads(digest_file.read_text()))
         marker = {
