@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import default_planner
 
-from trainer.checkpoint import integrity
+from trainer.checkpoint import integrity, storage
 from trainer.checkpoint.app_state import AppState, Progress
 from trainer.checkpoint.background import BACKGROUND_NICE, background_writer, lower_this_thread_priority
 from trainer.checkpoint.frames import TorchSaveFrames, framing_alignment
@@ -307,3 +307,27 @@ def test_stager_snapshots_values_and_follows_a_changed_layout() -> None:
     grown = stager.stage(live)
     assert torch.equal(grown["moments"][2], torch.full((3,), 2.0))
     assert torch.equal(grown["moments"][0], live["moments"][0])
+
+
+def test_writer_hands_every_byte_to_the_disk_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Writeback starts batch by batch, not only at the final fsync; the file is unchanged by it.
+    requested: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def record(descriptor: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            requested.append((offset, length))
+        real_fadvise(descriptor, offset, length, advice)
+
+    monkeypatch.setattr(storage, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    state = {"rows": torch.randn(300, 40), "scalar": torch.tensor(2.0), "count": 3}
+    dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+    shard_bytes = sum(path.stat().st_size for path in tmp_path.glob("*.distcp"))
+    assert shard_bytes > 10 * 4096
+    assert all(length <= 4096 for _, length in requested)
+    assert sum(length for _, length in requested) == shard_bytes, "every shard byte is handed to writeback"
+    assert [offset for offset, _ in requested if offset == 0] == [0], "one file, written front to back"
+    assert all(offset + length == following for (offset, length), (following, _) in zip(requested, requested[1:]))
+    loaded = _load_plain(tmp_path, state)
+    assert torch.equal(loaded["rows"], state["rows"]) and loaded["count"] == 3
