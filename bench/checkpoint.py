@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("--state-gb", type=float, default=1.5, help="model + optimizer state size (default 1.5)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--repeats", type=int, default=3, help="warm saves, loads and bound samples; best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="warm saves, loads and bound samples; best is kept (default 5)")
     parser.add_argument("--work-dir", help="where checkpoints are written (default: a temp dir, removed after)")
     parser.add_argument("--order", choices=("ours-first", "reverse"), default="ours-first",
                         help="order of the methods (page-cache state drifts as a run writes)")
