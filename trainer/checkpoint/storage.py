@@ -51,11 +51,11 @@ class _DigestingStream:
         self._raw.flush()
         descriptor = self._raw.fileno()
         for batch in _batches(views, WRITEBACK_BYTES, _IOV_MAX):
+            start = self.digests.size  # the stream is append-only: bytes digested = file offset
             for view in batch:
                 self.digests.update(view)
             _writev_fully(descriptor, batch)
-            length = sum(len(view) for view in batch)
-            _start_writeback(descriptor, self.digests.size - length, length)
+            _start_writeback(descriptor, start, self.digests.size - start)
 
     def seek(self, *args: Any) -> int:
         raise OSError("checkpoint streams are append-only")
