@@ -22,8 +22,9 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, wait_for
 from trainer.checkpoint.failures import SaveFailed
 from trainer.checkpoint.layout import COMMIT_FILE
+from trainer.checkpoint.shared_arena import TensorRef, fill_slots
 from trainer.checkpoint.staging import ReusableHostStager
-from trainer.checkpoint.writer_child import Hello
+from trainer.checkpoint.writer_child import Hello, _Writer
 from trainer.checkpoint.writer_process import WriterProcess, WriterProcessDied, WriterUnavailable
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="writer processes need memfd (Linux)")
@@ -74,6 +75,32 @@ def test_writer_process_saves_each_stage_from_shared_memory(writer: WriterProces
     writer.save(stager, stager.stage(state), tmp_path / "third", {"step": 3})
     assert stager.generation == 2
     assert torch.equal(_load(tmp_path / "third", state)["weights"], state["weights"])
+    stager.close()
+
+
+def test_mapped_staging_memory_is_ready_before_the_first_save() -> None:
+    """The writer builds its views of the staging memory when it is mapped: the first save does not pay for it."""
+    stager, state = ReusableHostStager(), _state()
+    staged = stager.stage(state)
+    writer = _Writer()  # in this process: the child's state between messages
+    writer.map(os.dup(stager.arena.fd), stager.arena.nbytes, stager.refs)
+    seen = fill_slots(stager.slotted(staged), writer.tensors)
+    assert torch.equal(seen["weights"], state["weights"]) and torch.equal(seen["step"], state["step"])
+    state["weights"].add_(1.0)
+    stager.stage(state)  # the next stage shows through the same views
+    assert torch.equal(seen["weights"], state["weights"])
+    stager.close()
+
+
+def test_memory_that_cannot_be_mapped_fails_the_next_save_with_the_reason(tmp_path: Path) -> None:
+    stager = ReusableHostStager()
+    stager.stage(_state())
+    writer = _Writer()
+    past_the_end = TensorRef(stager.arena.nbytes, torch.float32, (10,), None)
+    writer.map(os.dup(stager.arena.fd), stager.arena.nbytes, [past_the_end])
+    with pytest.raises(RuntimeError, match="could not map the staging memory: .*invalid for input of size 0"):
+        writer.save({}, str(tmp_path / "step"), {"step": 1})
+    assert not (tmp_path / "step").exists()
     stager.close()
 
 

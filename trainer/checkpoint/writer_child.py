@@ -67,16 +67,28 @@ class _Writer:
 
     def __init__(self) -> None:
         self._arena: SharedArena | None = None
-        self._refs: list[TensorRef] = []
-        self._tensors: list[torch.Tensor] | None = None
+        self.tensors: list[torch.Tensor] = []  # the mapped staging buffers, in the trainer's ref order
+        self._unmapped = "no staging memory was mapped before the first save"  # why saves cannot run
         self._meshes: dict[tuple, DeviceMesh] = {}
         self._planner = LayoutCachingSavePlanner()
         self._records = ItemRecords()
 
     def map(self, fd: int, nbytes: int, refs: list[TensorRef]) -> None:
+        """Map the trainer's staging memory and build its tensors now, between saves, not in the first one.
+
+        Building the first DTensor imports ``torch._dynamo`` (about 0.75 CPU-seconds); the trainer
+        does not wait for a map, so that cost lands while it trains its first steps. A failure
+        is answered at the next save, as a failed save.
+        """
         if self._arena is not None:
             self._arena.close()
-        self._arena, self._refs, self._tensors = SharedArena(nbytes, fd=fd), refs, None
+        self._arena, self.tensors = SharedArena(nbytes, fd=fd), []
+        try:
+            with torch.no_grad():  # the same objects every save: the planner and records caches hold
+                self.tensors = [materialize(self._arena, ref, self._mesh(ref.sharding)) for ref in refs]
+        except Exception as exc:  # noqa: BLE001 - reported to the trainer by the next save
+            self._arena.close()
+            self._arena, self._unmapped = None, f"could not map the staging memory: {root_cause(exc)}"
 
     def _mesh(self, sharding: ShardingRef | None) -> DeviceMesh | None:
         if sharding is None:
@@ -90,13 +102,10 @@ class _Writer:
     def save(self, slotted: Any, path: str, marker: dict[str, Any]) -> dict[str, Any] | None:
         """Write one checkpoint; the commit marker on the coordinator, None elsewhere."""
         if self._arena is None:
-            raise RuntimeError("no staging memory was mapped before the first save")
-        if self._tensors is None:  # the same objects every save: the planner and records caches hold
-            with torch.no_grad():
-                self._tensors = [materialize(self._arena, ref, self._mesh(ref.sharding)) for ref in self._refs]
+            raise RuntimeError(self._unmapped)
         committed: list[dict[str, Any]] = []
         writer = CommittingWriter(Path(path), marker, on_commit=committed.append, records=self._records)
-        dcp.save(fill_slots(slotted, self._tensors), storage_writer=writer, planner=self._planner)
+        dcp.save(fill_slots(slotted, self.tensors), storage_writer=writer, planner=self._planner)
         return committed[0] if committed else None
 
 
