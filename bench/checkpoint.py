@@ -40,11 +40,14 @@ def _bench_config(state_gb: float, checkpoint_dir: Path):
 
     # AdamW keeps two moments per parameter: state bytes ~ 12 x params (fp32). Width 1024,
     # 12 * d^2 parameters per block.
+    # keep_last=1: each commit deletes the previous checkpoint, as the write bound deletes its previous
+    # file and the other methods' outputs are deleted. On this kind of virtual disk, writing while
+    # older outputs pile up gets 3-4x slower after a few GB, which would time the disk's state, not the method.
     d_model = 1024
     layers = max(1, round(state_gb * 1e9 / 12 / (12 * d_model * d_model)))
     return TrainConfig(model="transformer", vocab_size=256, d_model=d_model, n_layers=layers, n_heads=8,
                        seq_len=8, global_batch_size=6, max_steps=10**6, checkpoint_dir=str(checkpoint_dir),
-                       checkpoint_every=10**6, keep_last=100, lock_ttl=3600.0)
+                       checkpoint_every=10**6, keep_last=1, lock_ttl=3600.0)
 
 
 def _local_state_bytes(state: dict) -> int:
