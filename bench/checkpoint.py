@@ -40,9 +40,9 @@ def _bench_config(state_gb: float, checkpoint_dir: Path):
 
     # AdamW keeps two moments per parameter: state bytes ~ 12 x params (fp32). Width 1024,
     # 12 * d^2 parameters per block.
-    # keep_last=1: each commit deletes the previous checkpoint, as the write bound deletes its previous
-    # file and the other methods' outputs are deleted. On this kind of virtual disk, writing while
-    # older outputs pile up gets 3-4x slower after a few GB, which would time the disk's state, not the method.
+    # keep_last=1: retention deletes the previous checkpoint after each commit, as the write bound's
+    # previous file and the other methods' outputs are deleted after their samples. On a virtual disk,
+    # writes got 3-4x slower once a few GB of new files had piled up: that times the disk, not the method.
     d_model = 1024
     layers = max(1, round(state_gb * 1e9 / 12 / (12 * d_model * d_model)))
     return TrainConfig(model="transformer", vocab_size=256, d_model=d_model, n_layers=layers, n_heads=8,
@@ -72,6 +72,13 @@ def _max_over_ranks(seconds: float) -> float:
     box = torch.tensor([seconds], dtype=torch.float64)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return float(box.item())
+
+
+def _write_durably(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(payload)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _timed(action) -> float:
@@ -142,7 +149,9 @@ def phase_save(args: argparse.Namespace) -> None:
         blocking = time.perf_counter() - started
         trainer.checkpoints.wait()
         dist.barrier()
-        return blocking, time.perf_counter() - started
+        durable = time.perf_counter() - started
+        trainer.checkpoints.settle()  # retention deletes the previous checkpoint before the next sample starts
+        return blocking, durable
 
     # Bounds, measured with the same per-rank byte count and parallelism as the saves.
     elements = local_bytes // 4
@@ -153,16 +162,15 @@ def phase_save(args: argparse.Namespace) -> None:
     payload = source.numpy().tobytes()
     samples = itertools.count()
 
-    def write_bound() -> None:
-        # A new file each time, the previous one deleted, as checkpoints do: rewriting one file
-        # in place reuses its just-freed page-cache pages and reads faster than any checkpoint can.
+    def write_bound() -> float:
+        # A new file each time, as checkpoints are: rewriting one file in place reuses its
+        # just-freed page-cache pages and reads faster than any checkpoint can. The previous
+        # file is deleted after the timing, as retention deletes checkpoints after the commit.
         previous = sorted(work.glob(f"bound-{rank}-*.bin"))
-        with open(work / f"bound-{rank}-{next(samples):06d}.bin", "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
+        seconds = _timed(lambda: _write_durably(work / f"bound-{rank}-{next(samples):06d}.bin", payload))
         for path in previous:
             path.unlink()
+        return seconds
 
     # This disk's fsync'd throughput drifts by 2-3x within a run, so the methods take turns:
     # every round samples the write bound and then one warm save of each method, and each
@@ -184,7 +192,7 @@ def phase_save(args: argparse.Namespace) -> None:
     warm: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in methods}
     write_seconds = []
     for round_index in range(args.repeats):
-        write_seconds.append(_max_over_ranks(_timed(write_bound)))
+        write_seconds.append(_max_over_ranks(write_bound()))
         for name, method in methods:
             if name != "torch_save" or round_index == 0:  # seconds per sample; one warm sample is enough
                 warm[name].append(sample(name, method, f"warm{round_index}"))

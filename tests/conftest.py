@@ -33,6 +33,12 @@ def run_cli(*args: str, timeout: int = TIMEOUT, check: bool = False) -> subproce
     return proc
 
 
+def run_python(code: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    """``python -c code`` with the project importable, as the CLI runs."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=ROOT)
+
+
 def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(script), *args]

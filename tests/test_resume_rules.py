@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
-from conftest import ckpt_list, run_cli
+from conftest import ckpt_list, run_cli, run_python
 
 FLAGS = ["--global-batch-size", "8", "--checkpoint-every", "5"]
 
@@ -59,3 +60,42 @@ def test_retention_keeps_last_n_and_resumed_from(ckpt_dir):
             "--checkpoint-dir", str(ckpt_dir), check=True)
     steps = [row["step"] for row in ckpt_list(ckpt_dir)]
     assert steps == [5, 25, 30], "keeps the newest 2 plus step 5, which this run resumed from"
+
+
+def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
+    """Deleting old checkpoints is not part of making a new one durable: retention runs on the
+    writer thread after the commit. Here it is held back, then fails; the save returned and stays."""
+    script = textwrap.dedent(f"""
+        import threading
+        import trainer.checkpoint.manager as manager
+        from trainer.config import TrainConfig
+        from trainer.train import Trainer
+
+        trainer = Trainer(TrainConfig(d_model=16, n_layers=1, n_heads=2, seq_len=8, global_batch_size=4,
+                                      checkpoint_dir={str(ckpt_dir)!r}))
+        trainer.setup()
+        release, finished, threads = threading.Event(), threading.Event(), []
+
+        def held_then_failing(self):
+            threads.append(threading.current_thread().name)
+            try:
+                release.wait(30)
+                raise OSError(5, "Input/output error")
+            finally:
+                finished.set()
+
+        manager.CheckpointManager.apply_retention = held_then_failing
+        trainer.train_step()
+        trainer.checkpoints.save(1, blocking=True, reason="final")
+        print("retention finished before the save returned:", finished.is_set(), flush=True)
+        release.set()
+        trainer.checkpoints.settle()
+        print("retention ran on:", threads, flush=True)
+        trainer.close()
+    """)
+    proc = run_python(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retention finished before the save returned: False" in proc.stdout
+    assert "retention ran on: ['checkpoint-writer_0']" in proc.stdout
+    assert "retention failed (" in proc.stderr and "Input/output error" in proc.stderr
+    assert [(row["step"], row["committed"]) for row in ckpt_list(ckpt_dir)] == [(1, True)]
