@@ -33,9 +33,9 @@ def run_cli(*args: str, timeout: int = TIMEOUT, check: bool = False) -> subproce
     return proc
 
 
-def run_python(code: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    """``python -c code`` with the project importable, as the CLI runs."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+def run_python(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    """``python *args`` (``-c CODE``, ``-m MODULE ...``) in the project root, as the CLI runs."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           env=_env(), cwd=ROOT)
 
 

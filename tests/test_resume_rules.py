@@ -93,7 +93,7 @@ def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
         print("retention ran on:", threads, flush=True)
         trainer.close()
     """)
-    proc = run_python(script)
+    proc = run_python("-c", script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retention finished before the save returned: False" in proc.stdout
     assert "retention ran on: ['checkpoint-writer_0']" in proc.stdout

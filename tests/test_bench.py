@@ -1,0 +1,44 @@
+"""The benchmarks run end to end and report what the checkpoint issue asks for (their figures
+are judged by `make bench`, not here: timings on a shared machine are no test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_python
+
+METHODS = ("torch_save", "dcp_save", "dcp_async_save", "fsdp_train")
+TARGETS = ("blocking first / memcpy bound", "blocking warm / memcpy bound", "dcp.async_save warm / ours warm",
+           "durable / fsync'd write bound", "reshard load / read bound")
+
+
+def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "bench.json"
+    proc = run_python("-m", "bench.checkpoint", "--state-gb", "0.01", "--repeats", "2",
+                      "--work-dir", str(work), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for method in METHODS:
+        row = results[method]
+        assert all(row[key] > 0 for key in ("blocking_first_s", "blocking_warm_s", "durable_s")), (method, row)
+        assert row["blocking_warm_s"] <= row["durable_s"], (method, row)
+    assert all(results["bounds"][key] > 0 for key in ("memcpy_s", "disk_write_s", "disk_read_s"))
+    assert results["load"]["reshard_2_to_3_s"] > 0
+    for target in TARGETS:
+        assert target in proc.stdout, target
+    # No method's outputs pile up: this project's older checkpoints went by retention, the
+    # other methods' outputs and all but the last write-bound file after their samples.
+    assert sorted(path.name for path in (work / "fsdp_train").glob("step-*")) == ["step-00001003"]
+    assert sorted(path.name for path in work.iterdir() if path.name.startswith(("torch-", "dcp-", "async-"))) == []
+    assert len(list(work.glob("bound-*.bin"))) == 2  # one per rank
+
+
+def test_overhead_bench_reports_the_slowdown(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    proc = run_python("-m", "bench.overhead", "--pairs", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["pairs"] == 1 and set(result["block_seconds"]) == {"none", "every_10"}
+    assert all(rate > 0 for rate in result["steps_per_s"].values())
+    assert "slowdown" in proc.stdout and "target <= 2%" in proc.stdout
