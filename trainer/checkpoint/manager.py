@@ -189,9 +189,9 @@ class CheckpointManager:
         return message
 
     def _after_commit(self, marker: dict[str, Any]) -> None:
-        """Log the commit and queue retention on the writer thread: deleting an old checkpoint
-        (0.3 s for 1.5 GB on a local disk, longer on network volumes) is not part of making
-        this one durable, so no save, final or emergency ones included, waits for it."""
+        """Log the commit and queue retention on the writer thread: deleting old checkpoints
+        (0.3 s for 1.5 GB on a local disk, longer on network volumes) is not part of making this
+        one durable, so neither a save's ``wait`` nor a final or emergency save's stall includes it."""
         log.info("checkpoint step %d committed (%.1f MB, %.2fs, %s)", marker["step"], marker["bytes"] / 1e6,
                  marker["save_seconds"], marker["reason"])
         self._writer.submit(self._retain_logging_failures)
