@@ -20,17 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+from trainer.config import TrainConfig, setting_choices
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_STEPS = 10
 WARMUP_STEPS = 20
 KINDS = ("none", "every_10")
 
 
-def _config(checkpoint_dir: Path, writer: str):
-    import yaml
-
-    from trainer.config import TrainConfig
-
+def _config(checkpoint_dir: Path, writer: str) -> TrainConfig:
     settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     settings.update(checkpoint_dir=str(checkpoint_dir), max_steps=10**6, progress=False,
                     checkpoint_first_step=False, checkpoint_writer=writer)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=30,
                         help="pairs of 10-step blocks, one with a checkpoint and one without (default 30)")
-    parser.add_argument("--writer", choices=("process", "thread"), default="process",
+    parser.add_argument("--writer", choices=setting_choices("checkpoint_writer"), default="process",
                         help="who writes the async saves, as --checkpoint-writer (default process)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--work", help=argparse.SUPPRESS)

@@ -124,6 +124,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
 
 
+def setting_choices(name: str) -> tuple[str, ...]:
+    """The values a setting accepts, for tools that take the same setting (``bench.overhead --writer``)."""
+    return next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
+
+
 def _coerce(name: str, raw: Any, source: str) -> Any:
     kind = _field_types()[name]
     if raw is None:
