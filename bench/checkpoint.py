@@ -40,11 +40,11 @@ def _bench_config(state_gb: float, checkpoint_dir: Path):
 
     # AdamW keeps two moments per parameter: state bytes ~ 12 x params (fp32). Width 1024,
     # 12 * d^2 parameters per block.
+    d_model = 1024
+    layers = max(1, round(state_gb * 1e9 / 12 / (12 * d_model * d_model)))
     # keep_last=1: retention deletes the previous checkpoint after each commit, as the write bound's
     # previous file and the other methods' outputs are deleted after their samples. On a virtual disk,
     # writes got 3-4x slower once a few GB of new files had piled up: that times the disk, not the method.
-    d_model = 1024
-    layers = max(1, round(state_gb * 1e9 / 12 / (12 * d_model * d_model)))
     return TrainConfig(model="transformer", vocab_size=256, d_model=d_model, n_layers=layers, n_heads=8,
                        seq_len=8, global_batch_size=6, max_steps=10**6, checkpoint_dir=str(checkpoint_dir),
                        checkpoint_every=10**6, keep_last=1, lock_ttl=3600.0)

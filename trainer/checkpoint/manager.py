@@ -199,8 +199,8 @@ class CheckpointManager:
     def _retain_logging_failures(self) -> None:
         try:
             self.apply_retention()
-        except OSError as exc:  # older checkpoints stay; the next commit tries again
-            log.warning("retention failed (%s); older checkpoints are kept for now", exc)
+        except Exception as exc:  # noqa: BLE001 - older checkpoints stay; the next commit tries again
+            log.warning("retention failed (%s); older checkpoints are kept for now", root_cause(exc))
 
     def settle(self) -> None:
         """Wait for the in-flight save and for the retention queued after it."""
