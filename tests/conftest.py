@@ -26,8 +26,7 @@ def _env() -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: int = TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=ROOT)
+    proc = run_python("-m", "trainer", *args, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"fsdp-train {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
