@@ -12,7 +12,7 @@ IMAGE ?= fsdp-train:0.1.0
 RELEASE ?= fsdp-train
 REPLICAS ?= 3
 
-.PHONY: help install train test bench image kind-up kind-load deploy scale watch undeploy kind-down \
+.PHONY: help install train test unit lint bench image kind-up kind-load deploy scale watch undeploy kind-down \
 	chart-test e2e-docker e2e-kind clean
 
 help: ## list targets
@@ -27,8 +27,14 @@ install: $(STAMP) ## create .venv and install the project with its test dependen
 train: install ## train locally on CPU (NPROC workers, checkpoints in CHECKPOINT_DIR; resumes if present)
 	$(BIN)/fsdp-train local --nproc $(NPROC) --config configs/local.yaml --checkpoint-dir $(CHECKPOINT_DIR) $(TRAIN_ARGS)
 
-test: install ## run the test suite
+test: install ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install ## the fast tests only: no torchrun, no Docker, no kind (under 2 minutes)
+	$(BIN)/python -m pytest -m "not torchrun and not docker and not kind" $(PYTEST_ARGS)
+
+lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict
+	hack/lint.sh $(VENV)
 
 bench: install ## checkpoint benchmark (1.5 GB state, 2 ranks) and the training-overhead benchmark
 	$(BIN)/python -m bench.checkpoint --json bench-checkpoint.json

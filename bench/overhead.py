@@ -41,13 +41,14 @@ def worker(args: argparse.Namespace) -> None:
     """One torchrun rank: warm up, then time alternating blocks with and without a checkpoint."""
     import torch.distributed as dist
 
+    from trainer.checkpoint.marker import SaveReason
     from trainer.train import Trainer
 
     trainer = Trainer(_config(Path(args.work), args.writer))
     trainer.setup()
     for _ in range(WARMUP_STEPS):
         trainer.train_step()
-    trainer.checkpoints.save(trainer.progress.step, blocking=False, reason="warm-up")  # first-save costs
+    trainer.checkpoints.save(trainer.progress.step, None, SaveReason.PERIODIC, blocking=False)  # first-save costs
     trainer.checkpoints.wait()
 
     def block(kind: str) -> float:
@@ -56,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
         for index in range(BLOCK_STEPS):
             trainer.train_step()
             if kind == "every_10" and index == 0:
-                trainer.checkpoints.save(trainer.progress.step, blocking=False, reason="periodic")
+                trainer.checkpoints.save(trainer.progress.step, None, SaveReason.PERIODIC, blocking=False)
         trainer.checkpoints.wait()  # a save's whole cost stays inside its own block
         return time.perf_counter() - started
 

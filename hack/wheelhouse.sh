@@ -12,4 +12,4 @@ rm -f "$out"/fsdp_train-*.whl
   --python-version 3.11 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any "$out"/fsdp_train-*.whl 2>&1 | grep -v "is ignored" >&2 || true
 ls "$out"/torch-2.13.0*.whl >/dev/null 2>&1 || { echo "wheelhouse has no torch 2.13.0 wheel" >&2; exit 3; }
-echo "$out: $(ls "$out" | wc -l) wheels" >&2
+echo "$out: $(find "$out" -maxdepth 1 -name "*.whl" | wc -l) wheels" >&2

@@ -55,6 +55,13 @@ def dump_state(nproc: int, out: Path, mode: str, *flags: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
+def draft_marker(step: int):
+    """A commit marker as the manager drafts it before a save (the storage writer completes it)."""
+    from trainer.checkpoint.marker import CommitMarker, SaveReason
+
+    return CommitMarker(step=step, world_size=1, reason=SaveReason.PERIODIC)
+
+
 def ckpt_list(directory: Path) -> list[dict]:
     return json.loads(run_cli("ckpt", "list", str(directory), "--json", check=True).stdout)
 
@@ -108,6 +115,13 @@ def step_records(ckpt: Path) -> list[dict]:
     from trainer.metrics import read_metrics
 
     return [r for r in read_metrics(ckpt) if r.get("event") == "step"]
+
+
+def start_records(ckpt: Path) -> list[dict]:
+    """The ``start`` records of ``metrics.jsonl``: one per worker-group start, with ``resumed_from``."""
+    from trainer.metrics import read_metrics
+
+    return [r for r in read_metrics(ckpt) if r.get("event") == "start"]
 
 
 def last_step(ckpt: Path) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import ckpt_list, error_lines, run_cli
+
+pytestmark = pytest.mark.torchrun
 
 
 def assert_one_line_error(proc, *needles: str) -> None:

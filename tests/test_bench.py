@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import run_python
+from trainer.checkpoint.layout import list_checkpoints
+
+pytestmark = pytest.mark.torchrun
 
 METHODS = ("torch_save", "dcp_save", "dcp_async_save", "fsdp_train")
 TARGETS = ("blocking first / memcpy bound", "blocking warm / memcpy bound", "dcp.async_save warm / ours warm",
@@ -29,7 +34,7 @@ def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) 
         assert target in proc.stdout, target
     # No method's outputs pile up: this project's older checkpoints went by retention, the
     # other methods' outputs and all but the last write-bound file after their samples.
-    assert sorted(path.name for path in (work / "fsdp_train").glob("step-*")) == ["step-00001003"]
+    assert [info.step for info in list_checkpoints(work / "fsdp_train")] == [1003]
     assert sorted(path.name for path in work.iterdir() if path.name.startswith(("torch-", "dcp-", "async-"))) == []
     assert len(list(work.glob("bound-*.bin"))) == 2  # one per rank
 

@@ -4,7 +4,6 @@ the torch.save frame cache, the layout-caching planner and the low-priority back
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import threading
@@ -16,16 +15,17 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import default_planner
 
+from conftest import draft_marker
 from trainer.checkpoint import integrity, storage
 from trainer.checkpoint.app_state import AppState, Progress
-from trainer.checkpoint.background import BACKGROUND_NICE, background_writer, lower_this_thread_priority
 from trainer.checkpoint.frames import TorchSaveFrames, framing_alignment
-from trainer.checkpoint.layout import COMMIT_FILE
+from trainer.checkpoint.layout import read_marker
 from trainer.checkpoint.planner import LayoutCachingSavePlanner
 from trainer.checkpoint.range_reader import RangeReader
 from trainer.checkpoint.records import ItemRecords
+from trainer.checkpoint.save_thread import BACKGROUND_NICE, lower_this_thread_priority, save_thread
 from trainer.checkpoint.staging import ReusableHostStager
-from trainer.checkpoint.storage import CommittingWriter, zip_checksums
+from trainer.checkpoint.storage import FastCommittingWriter, zip_checksums
 
 
 def _sample_state() -> dict[str, object]:
@@ -56,7 +56,7 @@ def test_range_reader_loads_every_tensor_exactly(tmp_path: Path, writer: str) ->
     if writer == "dcp":  # stock writer: zip CRCs present
         dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
     else:  # this project's writer: zip CRCs skipped, own checksums
-        dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+        dcp.save(state, storage_writer=FastCommittingWriter(tmp_path, draft_marker(1)), no_dist=True)
     loaded = _zeros_like(state)
     reader = RangeReader(tmp_path)
     dcp.load(loaded, storage_reader=reader, no_dist=True)
@@ -70,7 +70,7 @@ def test_range_reader_loads_every_tensor_exactly(tmp_path: Path, writer: str) ->
 
 def test_range_reader_never_loads_a_truncated_tensor_silently(tmp_path: Path) -> None:
     state = {"rows": torch.randn(64, 64)}
-    dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+    dcp.save(state, storage_writer=FastCommittingWriter(tmp_path, draft_marker(1)), no_dist=True)
     shard = next(tmp_path.glob("*.distcp"))
     with shard.open("r+b") as out:
         out.truncate(shard.stat().st_size // 2)
@@ -109,12 +109,12 @@ def test_cached_state_dict_is_rebuilt_when_a_tensor_is_replaced() -> None:
     assert app.state_dict()["optim"]["state"]["weight"]["exp_avg"] is replacement
 
 
-class _NiceRecordingWriter(CommittingWriter):
+class _NiceRecordingWriter(FastCommittingWriter):
     """Records the CPU priority of the thread that writes the shard files."""
 
     writer_nice: int | None = None
 
-    def write_data(self, plan, planner):  # noqa: ANN001 - DCP's signature
+    def write_data(self, plan, planner):
         self.writer_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         return super().write_data(plan, planner)
 
@@ -122,13 +122,13 @@ class _NiceRecordingWriter(CommittingWriter):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux-only")
 def test_async_writes_run_at_the_lowest_priority_and_leave_the_caller_alone(tmp_path: Path) -> None:
     caller_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    background = _NiceRecordingWriter(tmp_path / "async", {"step": 1})
-    with background_writer() as writer_thread:
+    background = _NiceRecordingWriter(tmp_path / "async", draft_marker(1))
+    with save_thread() as writer_thread:
         writer_thread.submit(dcp.save, {"rows": torch.randn(8, 4)}, storage_writer=background,
                              no_dist=True).result()
     assert background.writer_nice == BACKGROUND_NICE
     lower_this_thread_priority()  # what the writer thread runs first; on the main thread it must do nothing
-    blocking = _NiceRecordingWriter(tmp_path / "sync", {"step": 2})
+    blocking = _NiceRecordingWriter(tmp_path / "sync", draft_marker(2))
     dcp.save({"rows": torch.randn(8, 4)}, storage_writer=blocking, no_dist=True)
     assert blocking.writer_nice == caller_nice, "a save on the main thread must never lower training's priority"
 
@@ -192,10 +192,10 @@ def test_writer_files_match_stock_dcp_byte_for_byte(tmp_path: Path) -> None:
     """Across saves sharing one frame cache, the shard file is what stock DCP (CRCs off) writes."""
     records = ItemRecords()
     for step in (1, 2):
-        state = {key: value for key, value in _sample_state().items()}
+        state = dict(_sample_state())
         state["rows"] = state["rows"] + step  # new values, same layout
         ours, stock = tmp_path / f"ours-{step}", tmp_path / f"stock-{step}"
-        dcp.save(state, storage_writer=CommittingWriter(ours, {"step": step}, records=records), no_dist=True)
+        dcp.save(state, storage_writer=FastCommittingWriter(ours, draft_marker(step), records=records), no_dist=True)
         with zip_checksums(False):
             dcp.save(state, checkpoint_id=stock, no_dist=True)
         shards = sorted(path.name for path in stock.glob("*.distcp"))
@@ -215,7 +215,7 @@ def test_planner_reuses_the_local_plan_until_the_layout_changes(tmp_path: Path,
     planner = LayoutCachingSavePlanner()
 
     def save(name: str, state: dict[str, object]) -> None:
-        dcp.save(state, storage_writer=CommittingWriter(tmp_path / name, {"step": 1}), planner=planner,
+        dcp.save(state, storage_writer=FastCommittingWriter(tmp_path / name, draft_marker(1)), planner=planner,
                  no_dist=True)
 
     for step in range(3):
@@ -241,7 +241,7 @@ def test_item_records_are_reused_only_while_their_values_stay_put(tmp_path: Path
 
     def save(name: str) -> None:
         resolved.clear()
-        dcp.save(state, storage_writer=CommittingWriter(tmp_path / name, {"step": 1}, records=records),
+        dcp.save(state, storage_writer=FastCommittingWriter(tmp_path / name, draft_marker(1), records=records),
                  planner=planner, no_dist=True)
         loaded = _zeros_like(state) | {"group": {"lr": 0.0, "ids": []}}
         dcp.load(loaded, checkpoint_id=tmp_path / name, no_dist=True)
@@ -274,14 +274,13 @@ def test_writer_finishes_files_through_short_writes(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(os, "writev", short_writev)
     state = {"rows": torch.randn(50, 40), "scalar": torch.tensor(2.0), "count": 3}
-    dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+    dcp.save(state, storage_writer=FastCommittingWriter(tmp_path, draft_marker(1)), no_dist=True)
     monkeypatch.setattr(os, "writev", real_writev)
     assert len(calls) > 10, "the short writes were not exercised"
     loaded = _load_plain(tmp_path, state)
     assert torch.equal(loaded["rows"], state["rows"]) and torch.equal(loaded["scalar"], state["scalar"])
     assert loaded["count"] == 3
-    marker = json.loads((tmp_path / COMMIT_FILE).read_text())
-    assert integrity.problems(tmp_path, marker["files"]) == []
+    assert integrity.problems(tmp_path, read_marker(tmp_path).files) == []
 
 
 def test_stager_snapshots_values_and_follows_a_changed_layout() -> None:
@@ -322,7 +321,7 @@ def test_writer_hands_every_byte_to_the_disk_while_writing(tmp_path: Path, monke
     monkeypatch.setattr(storage, "WRITEBACK_BYTES", 4096)
     monkeypatch.setattr(os, "posix_fadvise", record)
     state = {"rows": torch.randn(300, 40), "scalar": torch.tensor(2.0), "count": 3}
-    dcp.save(state, storage_writer=CommittingWriter(tmp_path, {"step": 1}), no_dist=True)
+    dcp.save(state, storage_writer=FastCommittingWriter(tmp_path, draft_marker(1)), no_dist=True)
     shard_bytes = sum(path.stat().st_size for path in tmp_path.glob("*.distcp"))
     assert shard_bytes > 10 * 4096
     assert all(length <= 4096 for _, length in requested)

@@ -11,10 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_LM, ckpt_list, error_lines, last_step, run_cli, start_cli, wait_for, worker_pids
+from conftest import (
+    TINY_LM,
+    ckpt_list,
+    error_lines,
+    last_step,
+    run_cli,
+    start_cli,
+    start_records,
+    wait_for,
+    worker_pids,
+)
 from trainer.checkpoint import integrity
-from trainer.checkpoint.layout import committed_checkpoints
+from trainer.checkpoint.layout import COMMIT_FILE, committed_checkpoints, list_checkpoints, step_dir
+from trainer.checkpoint.marker import SaveReason
 from trainer.checkpoint.reader import read_tensors
+
+pytestmark = pytest.mark.torchrun
 
 # ~150 MB of model + optimizer state: a save takes long enough to be caught in the middle.
 BIG_LM = ["--model", "transformer", "--vocab-size", "256", "--d-model", "512", "--n-layers", "4",
@@ -25,14 +38,14 @@ def assert_all_committed_intact(ckpt: Path) -> None:
     committed = committed_checkpoints(ckpt)
     assert committed, "expected at least one committed checkpoint"
     for info in committed:
-        assert integrity.problems(info.path, info.marker["files"]) == [], info.path
+        assert integrity.problems(info.path, info.marker.files) == [], info.path
         assert read_tensors(info.path, "app.model."), info.path
 
 
-def partial_save_in_progress(ckpt: Path) -> Path | None:
-    for step_dir in sorted(ckpt.glob("step-*")):
-        if not (step_dir / "commit.json").exists() and any(step_dir.glob("*.distcp")):
-            return step_dir
+def partial_save_in_progress(ckpt: Path) -> int | None:
+    for info in list_checkpoints(ckpt):
+        if not info.committed and any(info.path.glob("*.distcp")):
+            return info.step
     return None
 
 
@@ -46,13 +59,14 @@ def test_sigkill_during_save_never_resumes_the_partial_checkpoint(ckpt_dir):
         assert job.wait(timeout=120) != 0
     finally:
         job.kill()
-    assert not (partial / "commit.json").exists(), "the kill landed after the commit; the test did not test"
+    assert not (step_dir(ckpt_dir, partial) / COMMIT_FILE).exists(), \
+        "the kill landed after the commit; the test did not test"
     listed = {row["step"]: row["committed"] for row in ckpt_list(ckpt_dir)}
-    assert listed[int(partial.name[5:])] is False
+    assert listed[partial] is False
     newest_before = committed_checkpoints(ckpt_dir)[-1].step
-    proc = run_cli("local", "--nproc", "2", *BIG_LM, "--checkpoint-every", "2",
-                   "--max-steps", str(int(partial.name[5:]) + 2), "--checkpoint-dir", str(ckpt_dir), check=True)
-    assert f"resumed from step {newest_before} " in proc.stderr
+    run_cli("local", "--nproc", "2", *BIG_LM, "--checkpoint-every", "2", "--max-steps", str(partial + 2),
+            "--checkpoint-dir", str(ckpt_dir), check=True)
+    assert start_records(ckpt_dir)[-1]["resumed_from"]["step"] == newest_before
     leftovers = [row["step"] for row in ckpt_list(ckpt_dir) if not row["committed"]]
     assert leftovers == [], "the partial directory must be cleaned up once a newer checkpoint commits"
     assert_all_committed_intact(ckpt_dir)
@@ -62,7 +76,7 @@ def test_sigkill_during_save_never_resumes_the_partial_checkpoint(ckpt_dir):
 def test_damaged_shard_is_detected_and_previous_checkpoint_used(ckpt_dir, damage):
     flags = [*TINY_LM, "--global-batch-size", "8", "--checkpoint-every", "5"]
     run_cli("local", "--nproc", "2", *flags, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
-    shard = ckpt_dir / "step-00000010" / "__1_0.distcp"
+    shard = step_dir(ckpt_dir, 10) / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
         shard.write_bytes(data[: len(data) // 2])
@@ -72,7 +86,7 @@ def test_damaged_shard_is_detected_and_previous_checkpoint_used(ckpt_dir, damage
     proc = run_cli("local", "--nproc", "3", *flags, "--max-steps", "12", "--checkpoint-dir", str(ckpt_dir), check=True)
     warnings = [line for line in proc.stderr.splitlines() if "skipping damaged checkpoint step 10" in line]
     assert len(warnings) == 1 and str(shard) in warnings[0], proc.stderr
-    assert "resumed from step 5 (written by world size 2)" in proc.stderr
+    assert start_records(ckpt_dir)[-1]["resumed_from"] == {"step": 5, "world_size": 2}
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -95,7 +109,7 @@ def test_disk_full_during_save_keeps_committed_checkpoints(tmp_path):
         if proc.returncode == 0:  # training went on past the failed save and committed its final checkpoint
             assert committed_checkpoints(ckpt)[-1].step == 40
         else:  # or it stopped with one clear line
-            assert len([l for l in error_lines(proc.stderr) if l.startswith("fsdp-train: error:")]) == 1
+            assert len([line for line in error_lines(proc.stderr) if line.startswith("fsdp-train: error:")]) == 1
         assert_all_committed_intact(ckpt)
     finally:
         subprocess.run(["umount", str(ckpt)], check=False)
@@ -116,8 +130,8 @@ def test_sigterm_writes_emergency_checkpoint_and_exits_zero(ckpt_dir):
     assert code == 0, stderr[-3000:]
     assert elapsed < 20
     newest = committed_checkpoints(ckpt_dir)[-1].marker
-    assert newest["reason"] == "preempted" and newest["world_size"] == 2
-    assert newest["step"] == last_step(ckpt_dir), "the emergency checkpoint is of the last completed step"
+    assert newest.reason == SaveReason.PREEMPTED and newest.world_size == 2
+    assert newest.step == last_step(ckpt_dir), "the emergency checkpoint is of the last completed step"
     assert_all_committed_intact(ckpt_dir)
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.kind
+
 
 def test_kind_end_to_end():
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "e2e" / "kind_e2e.py")], capture_output=True,

@@ -19,6 +19,8 @@ import torch
 from conftest import TINY_LM, run_cli
 from trainer.checkpoint.reader import read_tensors
 
+pytestmark = pytest.mark.torchrun
+
 ATOL = 1e-5
 STEPS = 24
 # 10 samples per step: 3 ranks split it 4/3/3, so uneven shares are part of the test.

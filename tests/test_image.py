@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 
-from test_e2e_docker import IMAGE, docker, docker_ready  # noqa: F401 - fixture
+import pytest
+from test_e2e_docker import IMAGE, docker, docker_ready
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures(docker_ready.__name__)]
 
 
-def test_image_help(docker_ready):
+def test_image_help():
     proc = docker("run", "--rm", "--entrypoint", "fsdp-train", IMAGE, "--help")
     assert "train" in proc.stdout and "local" in proc.stdout and "ckpt" in proc.stdout
     launch = docker("run", "--rm", IMAGE, "--help")  # the entrypoint: fsdp-train launch
     assert "torchrun" in launch.stdout
 
 
-def test_two_process_training_in_one_container(docker_ready):
+def test_two_process_training_in_one_container():
     user = docker("run", "--rm", "--entrypoint", "id", IMAGE, "-u").stdout.strip()
     assert user == "10001", "the image must run as a non-root user"
     script = ("fsdp-train local --nproc 2 --max-steps 12 --checkpoint-every 5 --checkpoint-dir /tmp/ck "

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_LM, ckpt_list, run_cli
+from conftest import TINY_LM, run_cli
+from trainer.checkpoint.layout import step_dir
+
+pytestmark = pytest.mark.torchrun
 
 FLAGS = ["--global-batch-size", "8", "--checkpoint-every", "5"]
 
@@ -31,7 +34,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def step10(run: Path) -> Path:
-    return run / "step-00000010"
+    return step_dir(run, 10)
 
 
 def test_dcp_to_torch_loads_weights_only_and_matches_dcp(lm_run, tmp_path):
@@ -56,7 +59,7 @@ def test_torch_save_seeds_a_new_run_at_another_world_size(lm_run, tmp_path):
     new_run = tmp_path / "seeded"
     run_cli("local", "--nproc", "3", *TINY_LM, *FLAGS, "--max-steps", "0", "--init-from", str(seed),
             "--checkpoint-dir", str(new_run), check=True)
-    seeded = read_model_weights(new_run / "step-00000000")
+    seeded = read_model_weights(step_dir(new_run, 0))
     assert all(torch.equal(seeded[key], weights[key]) for key in weights)
     proc = run_cli("local", "--nproc", "1", "--max-steps", "1", "--init-from", str(seed),
                    "--checkpoint-dir", str(tmp_path / "wrong-model"))
@@ -84,15 +87,15 @@ def test_infer_without_process_group_matches_the_training_model(lm_run, toy_run)
     assert json.loads(proc.stdout) == [expected]
     assert len(json.loads(run_cli("infer", str(step10(lm_run)), "--input", "5 6", "--generate", "4",
                                   check=True).stdout)) == 4
-    toy = json.loads(run_cli("infer", str(toy_run / "step-00000005"), "--input", ",".join(["0.5"] * 16),
+    toy = json.loads(run_cli("infer", str(step_dir(toy_run, 5)), "--input", ",".join(["0.5"] * 16),
                              check=True).stdout)
     assert len(toy) == 8
-    bad = run_cli("infer", str(toy_run / "step-00000005"), "--input", "1,2")
+    bad = run_cli("infer", str(step_dir(toy_run, 5)), "--input", "1,2")
     assert bad.returncode == 2 and "takes 16 numbers" in bad.stderr
 
 
 def test_ckpt_show_lists_tensors_sharding_and_lineage(lm_run):
-    out = run_cli("ckpt", "show", str(lm_run / "step-00000015"), check=True).stdout
+    out = run_cli("ckpt", "show", str(step_dir(lm_run, 15)), check=True).stdout
     assert "world size 3" in out and '"step": 10' in out and '"world_size": 2' in out
     assert "app.model.tok_emb.weight" in out and "50x24" in out and "3 chunks along dim 0" in out
 
@@ -100,7 +103,7 @@ def test_ckpt_show_lists_tensors_sharding_and_lineage(lm_run):
 def test_ckpt_verify_catches_a_truncated_shard(lm_run, tmp_path):
     import shutil
 
-    copy = tmp_path / "step-00000010"
+    copy = step_dir(tmp_path, 10)
     shutil.copytree(step10(lm_run), copy)
     assert run_cli("ckpt", "verify", str(copy)).returncode == 0
     shard = copy / "__0_0.distcp"
@@ -117,7 +120,7 @@ def test_ckpt_diff_identical_across_layouts_and_nonzero_after_training(lm_run, t
     run_cli("convert", "torch-to-dcp", str(pth), str(single), check=True)
     same = run_cli("ckpt", "diff", str(step10(lm_run)), str(single), check=True).stdout
     assert "identical" in same
-    changed = run_cli("ckpt", "diff", str(step10(lm_run)), str(lm_run / "step-00000015"), check=True).stdout
+    changed = run_cli("ckpt", "diff", str(step10(lm_run)), str(step_dir(lm_run, 15)), check=True).stdout
     assert "app.model.head.weight" in changed and "identical" not in changed
     assert "max abs diff" in changed.splitlines()[-1]
 

@@ -7,6 +7,8 @@ import torch
 
 from conftest import TINY_LM, dump_state
 
+pytestmark = pytest.mark.torchrun
+
 FLAGS = [*TINY_LM, "--global-batch-size", "12", "--checkpoint-every", "3", "--max-steps", "6"]
 
 

@@ -4,54 +4,51 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
-from conftest import ckpt_list, run_cli, run_python
+import pytest
+
+from conftest import ckpt_list, run_cli, run_python, start_records
+from trainer.checkpoint.layout import COMMIT_FILE, SUPERSEDED_DIR, list_checkpoints, step_dir
+
+pytestmark = pytest.mark.torchrun
 
 FLAGS = ["--global-batch-size", "8", "--checkpoint-every", "5"]
 
 
-def start_events(ckpt: Path) -> list[dict]:
-    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["event"] == "start"]
-
-
 def test_uncommitted_checkpoint_is_never_resumed_from(ckpt_dir):
     run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
-    (ckpt_dir / "step-00000010" / "commit.json").unlink()  # as if rank 0 died before committing
+    (step_dir(ckpt_dir, 10) / COMMIT_FILE).unlink()  # as if rank 0 died before committing
     listed = {row["step"]: row["committed"] for row in ckpt_list(ckpt_dir)}
     assert listed == {5: True, 10: False}
-    proc = run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "12", "--checkpoint-dir", str(ckpt_dir), check=True)
-    assert "resumed from step 5 (written by world size 2)" in proc.stderr
-    assert start_events(ckpt_dir)[-1]["resumed_from"] == {"step": 5, "world_size": 2}
+    run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "12", "--checkpoint-dir", str(ckpt_dir), check=True)
+    assert start_records(ckpt_dir)[-1]["resumed_from"] == {"step": 5, "world_size": 2}
     # The partial step-10 directory was replaced by a real save at step 10 of the resumed run.
-    marker = json.loads((ckpt_dir / "step-00000010" / "commit.json").read_text())
+    marker = json.loads((step_dir(ckpt_dir, 10) / COMMIT_FILE).read_text())
     assert marker["resumed_from"] == {"step": 5, "world_size": 2}
 
 
 def test_commit_marker_records_lineage_and_files(ckpt_dir):
     run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "5", "--checkpoint-dir", str(ckpt_dir), check=True)
     run_cli("local", "--nproc", "3", *FLAGS, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
-    marker = json.loads((ckpt_dir / "step-00000010" / "commit.json").read_text())
+    marker = json.loads((step_dir(ckpt_dir, 10) / COMMIT_FILE).read_text())  # the file as it is on disk
     assert marker["step"] == 10 and marker["world_size"] == 3
     assert marker["resumed_from"] == {"step": 5, "world_size": 2}
     assert marker["torch_version"].startswith("2.13.0")
-    on_disk = {p.name for p in (ckpt_dir / "step-00000010").iterdir()} - {"commit.json"}
+    on_disk = {p.name for p in step_dir(ckpt_dir, 10).iterdir()} - {COMMIT_FILE}
     assert set(marker["files"]) == on_disk
-    assert marker["bytes"] == sum(p.stat().st_size for p in (ckpt_dir / "step-00000010").iterdir()
-                                  if p.name != "commit.json")
+    assert marker["bytes"] == sum(p.stat().st_size for p in step_dir(ckpt_dir, 10).iterdir() if p.name != COMMIT_FILE)
 
 
 def test_resume_from_step_and_no_resume(ckpt_dir):
     run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "15", "--checkpoint-dir", str(ckpt_dir), check=True)
-    proc = run_cli("local", "--nproc", "1", *FLAGS, "--max-steps", "15", "--resume-from", "5",
-                   "--checkpoint-dir", str(ckpt_dir), check=True)
-    assert "resumed from step 5" in proc.stderr
+    run_cli("local", "--nproc", "1", *FLAGS, "--max-steps", "15", "--resume-from", "5",
+            "--checkpoint-dir", str(ckpt_dir), check=True)
+    assert start_records(ckpt_dir)[-1]["resumed_from"] == {"step": 5, "world_size": 2}
     # The newer checkpoints of the abandoned timeline were set aside, not deleted, and not resumable.
-    assert [p.name for p in (ckpt_dir / "superseded").glob("*/step-*")] != []
-    proc = run_cli("local", "--nproc", "1", *FLAGS, "--max-steps", "3", "--no-resume",
-                   "--checkpoint-dir", str(ckpt_dir / "fresh"), check=True)
-    assert "resumed from" not in proc.stderr
+    assert [p.name for p in (ckpt_dir / SUPERSEDED_DIR).glob("*/step-*")] != []
+    run_cli("local", "--nproc", "1", *FLAGS, "--max-steps", "15", "--no-resume",
+            "--checkpoint-dir", str(ckpt_dir), check=True)
+    assert start_records(ckpt_dir)[-1]["resumed_from"] is None
 
 
 def test_retention_keeps_last_n_and_resumed_from(ckpt_dir):
@@ -68,6 +65,7 @@ def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
     script = textwrap.dedent(f"""
         import threading
         import trainer.checkpoint.manager as manager
+        from trainer.checkpoint.marker import SaveReason
         from trainer.config import TrainConfig
         from trainer.train import Trainer
 
@@ -76,7 +74,7 @@ def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
         trainer.setup()
         release, finished, threads = threading.Event(), threading.Event(), []
 
-        def held_then_failing(self):
+        def held_then_failing(*args):
             threads.append(threading.current_thread().name)
             try:
                 release.wait(30)
@@ -84,9 +82,9 @@ def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
             finally:
                 finished.set()
 
-        manager.CheckpointManager.apply_retention = held_then_failing
-        trainer.train_step()
-        trainer.checkpoints.save(1, blocking=True, reason="final")
+        manager.apply_retention = held_then_failing
+        loss, _ = trainer.train_step()
+        trainer.checkpoints.maybe_save(1, loss, final=True)
         print("retention finished before the save returned:", finished.is_set(), flush=True)
         release.set()
         trainer.checkpoints.settle()
@@ -96,6 +94,28 @@ def test_saves_never_wait_for_retention_and_survive_its_failure(ckpt_dir):
     proc = run_python("-c", script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retention finished before the save returned: False" in proc.stdout
-    assert "retention ran on: ['checkpoint-writer_0']" in proc.stdout
+    assert "retention ran on: ['checkpoint-save_0']" in proc.stdout
     assert "retention failed (" in proc.stderr and "Input/output error" in proc.stderr
     assert [(row["step"], row["committed"]) for row in ckpt_list(ckpt_dir)] == [(1, True)]
+
+
+def test_the_manager_decides_when_to_save(ckpt_dir):
+    """First step (then read back), every K steps, and the final step once, in either mode: the
+    trainer only reports each step to the manager."""
+    script = textwrap.dedent(f"""
+        from trainer.config import TrainConfig
+        from trainer.train import Trainer
+
+        for mode in ("async", "sync"):
+            trainer = Trainer(TrainConfig(global_batch_size=4, max_steps=9, checkpoint_every=3, keep_last=10,
+                                          checkpoint_first_step=True, checkpoint_mode=mode,
+                                          checkpoint_dir={str(ckpt_dir)!r} + "/" + mode))
+            trainer.setup()
+            trainer.run()
+            trainer.close()
+    """)
+    proc = run_python("-c", script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("async", "sync"):
+        reasons = {info.step: info.marker.reason.value for info in list_checkpoints(ckpt_dir / mode)}
+        assert reasons == {1: "first-step", 3: "periodic", 6: "periodic", 9: "final"}, (mode, reasons)

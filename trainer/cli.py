@@ -1,11 +1,20 @@
-"""``fsdp-train``: the command-line front door. Each subcommand hands off to its own module."""
+"""``fsdp-train``: the command-line front door.
+
+Each subcommand is a pair, in the order ``fsdp-train --help`` lists them: ``add_<name>``
+declares its flags, and the handler right below it hands off to the module that does the work
+(imported there, so ``fsdp-train ckpt list`` never pays for what ``train`` needs).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+
 from trainer.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -15,14 +24,39 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _add(commands: argparse._SubParsersAction, name: str, handler: Handler, help_text: str,
+         description: str | None = None) -> OneLineParser:
+    parser = commands.add_parser(name, help=help_text, description=description or help_text)
+    parser.set_defaults(handler=handler, parser=parser)
+    return parser
+
+
+# ---- train ----------------------------------------------------------------------------------------
+def add_train(commands: argparse._SubParsersAction) -> None:
+    from trainer.config import add_config_arguments
+
+    add_config_arguments(_add(commands, "train", train, "the worker entrypoint, run by torchrun (or alone as a "
+                              "world of one)", "Train with FSDP2; resume from the newest committed checkpoint."))
+
+
+def train(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
     from trainer.train import main as train_main
 
     return train_main(resolve_config(args))
 
 
-def _local(args: argparse.Namespace) -> int:
+# ---- local ----------------------------------------------------------------------------------------
+def add_local(commands: argparse._SubParsersAction) -> None:
+    from trainer.config import add_config_arguments
+
+    parser = _add(commands, "local", local, "run torchrun standalone on this machine",
+                  "Run N workers on this machine (torchrun --standalone).")
+    parser.add_argument("--nproc", type=int, default=2, help="worker processes (default: 2)")
+    add_config_arguments(parser)
+
+
+def local(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
     from trainer.launch import run_local
 
@@ -31,7 +65,14 @@ def _local(args: argparse.Namespace) -> int:
     return run_local(resolve_config(args), args.nproc)
 
 
-def _launch(args: argparse.Namespace) -> int:
+# ---- launch ---------------------------------------------------------------------------------------
+def add_launch(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "launch", launch, "container entrypoint: torchrun configured by PET_* variables",
+                  "exec torchrun -m trainer train ARGS; torchrun reads PET_* settings.")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="flags passed to 'fsdp-train train'")
+
+
+def launch(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
     from trainer.launch import exec_launch
 
@@ -40,7 +81,25 @@ def _launch(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
-def _ckpt_list(args: argparse.Namespace) -> int:
+# ---- ckpt list | show | verify | diff -------------------------------------------------------------
+def add_ckpt(commands: argparse._SubParsersAction) -> None:
+    ckpt = commands.add_parser("ckpt", help="list, show, verify and diff checkpoints")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=OneLineParser)
+    listing = _add(ckpt_commands, "list", ckpt_list, "checkpoints in DIR, oldest first (partial ones too)")
+    listing.add_argument("dir", metavar="DIR")
+    listing.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    show = _add(ckpt_commands, "show", ckpt_show, "tensors, sharding, commit marker and lineage of a checkpoint")
+    show.add_argument("checkpoint", metavar="CKPT")
+    verify = _add(ckpt_commands, "verify", ckpt_verify,
+                  "re-read every file against its recorded size and checksum; exit 1 naming each bad file")
+    verify.add_argument("target", metavar="CKPT|DIR")
+    verify.add_argument("--newest", action="store_true", help="with DIR: only the newest committed checkpoint")
+    diff = _add(ckpt_commands, "diff", ckpt_diff, "per-tensor max abs/rel difference between two checkpoints")
+    diff.add_argument("a", metavar="A")
+    diff.add_argument("b", metavar="B")
+
+
+def ckpt_list(args: argparse.Namespace) -> int:
     from trainer.checkpoint.layout import list_checkpoints
 
     rows = [info.summary() for info in list_checkpoints(args.dir)]
@@ -59,14 +118,14 @@ def _ckpt_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ckpt_show(args: argparse.Namespace) -> int:
+def ckpt_show(args: argparse.Namespace) -> int:
     from trainer.inspect_ckpt import show
 
     print(show(args.checkpoint))
     return 0
 
 
-def _ckpt_verify(args: argparse.Namespace) -> int:
+def ckpt_verify(args: argparse.Namespace) -> int:
     from trainer.inspect_ckpt import verify
 
     ok, report = verify(args.target, newest_only=args.newest)
@@ -74,14 +133,22 @@ def _ckpt_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _ckpt_diff(args: argparse.Namespace) -> int:
+def ckpt_diff(args: argparse.Namespace) -> int:
     from trainer.inspect_ckpt import diff
 
     print(diff(args.a, args.b))
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+# ---- convert --------------------------------------------------------------------------------------
+def add_convert(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "convert", convert, "convert between DCP and a single torch.save file")
+    parser.add_argument("direction", choices=("dcp-to-torch", "torch-to-dcp"))
+    parser.add_argument("source", metavar="SRC", help="CKPT (dcp-to-torch) or IN.pth (torch-to-dcp)")
+    parser.add_argument("dest", metavar="DEST", help="OUT.pth (dcp-to-torch) or OUTDIR (torch-to-dcp)")
+
+
+def convert(args: argparse.Namespace) -> int:
     from trainer.convert import dcp_to_torch, torch_to_dcp
 
     (dcp_to_torch if args.direction == "dcp-to-torch" else torch_to_dcp)(args.source, args.dest)
@@ -89,7 +156,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _infer(args: argparse.Namespace) -> int:
+# ---- infer ----------------------------------------------------------------------------------------
+def add_infer(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "infer", infer, "load a checkpoint without a process group and run a forward pass")
+    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("--input", required=True, help="toy: 16 numbers; transformer: token ids (comma or space "
+                        "separated)")
+    parser.add_argument("--generate", type=int, default=1, help="transformer: tokens to generate greedily (default 1)")
+
+
+def infer(args: argparse.Namespace) -> int:
     from trainer.inference import load_model, parse_input, run
 
     model, cfg = load_model(args.checkpoint)
@@ -97,98 +173,60 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    from trainer.monitor import status
+# ---- status | watch | plot ------------------------------------------------------------------------
+def add_status(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "status", status, "step, loss, world size, last checkpoint and resumes of a run")
+    parser.add_argument("dir", metavar="DIR", help="the run's --checkpoint-dir")
+    parser.add_argument("--namespace", help="Kubernetes namespace of the release (default: default)")
+    parser.add_argument("--release", help="also list the pods of this Helm release")
 
-    print(status(args.dir, args.namespace, args.release))
+
+def status(args: argparse.Namespace) -> int:
+    from trainer.monitor import status as run_status
+
+    print(run_status(args.dir, args.namespace, args.release))
     return 0
 
 
-def _watch(args: argparse.Namespace) -> int:
-    from trainer.monitor import watch
+def add_watch(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "watch", watch, "follow metrics.jsonl with a live progress bar until the run ends")
+    parser.add_argument("dir", metavar="DIR")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between reads (default 1)")
+    parser.add_argument("--timeout", type=float, help="give up (exit 1) after this many seconds")
 
-    return watch(args.dir, poll=args.poll, timeout=args.timeout)
+
+def watch(args: argparse.Namespace) -> int:
+    from trainer.monitor import watch as follow
+
+    return follow(args.dir, poll=args.poll, timeout=args.timeout)
 
 
-def _plot(args: argparse.Namespace) -> int:
-    from trainer.monitor import plot
+def add_plot(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "plot", plot, "loss curve with resumes (world size before -> after) and checkpoints")
+    parser.add_argument("dir", metavar="DIR")
+    parser.add_argument("-o", "--output", default="loss.png", help="PNG to write (default loss.png)")
+    parser.add_argument("--width", type=float, default=10.0, help="inches (default 10)")
+    parser.add_argument("--height", type=float, default=5.0, help="inches (default 5)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
 
-    plot(args.dir, args.output, width=args.width, height=args.height, dpi=args.dpi)
+
+def plot(args: argparse.Namespace) -> int:
+    from trainer.monitor import plot as draw
+
+    draw(args.dir, args.output, width=args.width, height=args.height, dpi=args.dpi)
     print(f"wrote {args.output}")
     return 0
 
 
-def _add(commands: argparse._SubParsersAction, name: str, handler, help_text: str) -> OneLineParser:  # noqa: ANN001
-    parser = commands.add_parser(name, help=help_text, description=help_text)
-    parser.set_defaults(handler=handler, parser=parser)
-    return parser
+# ---- the parser -----------------------------------------------------------------------------------
+COMMANDS = (add_train, add_local, add_launch, add_ckpt, add_convert, add_infer, add_status, add_watch, add_plot)
 
 
 def build_parser() -> OneLineParser:
-    from trainer.config import add_config_arguments
-
     parser = OneLineParser(prog="fsdp-train", description="Elastic FSDP2 training with resharding DCP checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
-    train = commands.add_parser("train", help="the worker entrypoint, run by torchrun (or alone as a world of one)",
-                                description="Train with FSDP2; resume from the newest committed checkpoint.")
-    add_config_arguments(train)
-    train.set_defaults(handler=_train, parser=train)
-
-    local = commands.add_parser("local", help="run torchrun standalone on this machine",
-                                description="Run N workers on this machine (torchrun --standalone).")
-    local.add_argument("--nproc", type=int, default=2, help="worker processes (default: 2)")
-    add_config_arguments(local)
-    local.set_defaults(handler=_local, parser=local)
-
-    launch = commands.add_parser("launch", help="container entrypoint: torchrun configured by PET_* variables",
-                                 description="exec torchrun -m trainer train ARGS; torchrun reads PET_* settings.")
-    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="flags passed to 'fsdp-train train'")
-    launch.set_defaults(handler=_launch, parser=launch)
-
-    ckpt = commands.add_parser("ckpt", help="list, show, verify and diff checkpoints")
-    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=OneLineParser)
-    ckpt_list = ckpt_commands.add_parser("list", help="checkpoints in DIR, oldest first (partial ones too)")
-    ckpt_list.add_argument("dir", metavar="DIR")
-    ckpt_list.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    ckpt_list.set_defaults(handler=_ckpt_list, parser=ckpt_list)
-    show = _add(ckpt_commands, "show", _ckpt_show, "tensors, sharding, commit marker and lineage of a checkpoint")
-    show.add_argument("checkpoint", metavar="CKPT")
-    verify = _add(ckpt_commands, "verify", _ckpt_verify,
-                  "re-read every file against its recorded size and checksum; exit 1 naming each bad file")
-    verify.add_argument("target", metavar="CKPT|DIR")
-    verify.add_argument("--newest", action="store_true", help="with DIR: only the newest committed checkpoint")
-    diff = _add(ckpt_commands, "diff", _ckpt_diff, "per-tensor max abs/rel difference between two checkpoints")
-    diff.add_argument("a", metavar="A")
-    diff.add_argument("b", metavar="B")
-
-    convert = _add(commands, "convert", _convert, "convert between DCP and a single torch.save file")
-    convert.add_argument("direction", choices=("dcp-to-torch", "torch-to-dcp"))
-    convert.add_argument("source", metavar="SRC", help="CKPT (dcp-to-torch) or IN.pth (torch-to-dcp)")
-    convert.add_argument("dest", metavar="DEST", help="OUT.pth (dcp-to-torch) or OUTDIR (torch-to-dcp)")
-
-    infer = _add(commands, "infer", _infer, "load a checkpoint without a process group and run a forward pass")
-    infer.add_argument("checkpoint", metavar="CKPT")
-    infer.add_argument("--input", required=True,
-                       help="toy: 16 numbers; transformer: token ids (comma or space separated)")
-    infer.add_argument("--generate", type=int, default=1, help="transformer: tokens to generate greedily (default 1)")
-
-    status = _add(commands, "status", _status, "step, loss, world size, last checkpoint and resumes of a run")
-    status.add_argument("dir", metavar="DIR", help="the run's --checkpoint-dir")
-    status.add_argument("--namespace", help="Kubernetes namespace of the release (default: default)")
-    status.add_argument("--release", help="also list the pods of this Helm release")
-
-    watch = _add(commands, "watch", _watch, "follow metrics.jsonl with a live progress bar until the run ends")
-    watch.add_argument("dir", metavar="DIR")
-    watch.add_argument("--poll", type=float, default=1.0, help="seconds between reads (default 1)")
-    watch.add_argument("--timeout", type=float, help="give up (exit 1) after this many seconds")
-
-    plot = _add(commands, "plot", _plot, "loss curve with resumes (world size before -> after) and checkpoints")
-    plot.add_argument("dir", metavar="DIR")
-    plot.add_argument("-o", "--output", default="loss.png", help="PNG to write (default loss.png)")
-    plot.add_argument("--width", type=float, default=10.0, help="inches (default 10)")
-    plot.add_argument("--height", type=float, default=5.0, help="inches (default 5)")
-    plot.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

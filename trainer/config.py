@@ -47,7 +47,8 @@ class TrainConfig:
     # Checkpointing.
     checkpoint_dir: str = _opt("./checkpoints", "shared directory for DCP checkpoints, metrics and the job lock")
     checkpoint_every: int = _opt(10, "save a checkpoint every K steps (and always at the end)")
-    checkpoint_first_step: bool = _opt(False, "also save right after step 1, so broken storage fails in the first minute")
+    checkpoint_first_step: bool = _opt(False, "also save (and read back) right after step 1, so broken storage "
+                                       "fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
                                 choices=("async", "sync"))
     checkpoint_writer: str = _opt("process", "who writes async saves: a writer process per rank (off the trainer's "

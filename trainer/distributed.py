@@ -23,7 +23,6 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str
     checkpoint_group: dist.ProcessGroup
 
     @property
@@ -63,7 +62,7 @@ def init_runtime(requested_device: str) -> Runtime:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
     checkpoint_group = dist.new_group(backend="gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, checkpoint_group)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, checkpoint_group)
 
 
 def store_address() -> tuple[str, int]:
@@ -76,7 +75,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def on_primary(runtime: Runtime, action, *args):  # noqa: ANN001, ANN201
+def on_primary(runtime: Runtime, action, *args):
     """Run ``action`` on rank 0 only and hand every rank its result, or its ``UserError``."""
     outcome = None
     if runtime.is_primary:
@@ -89,3 +88,10 @@ def on_primary(runtime: Runtime, action, *args):  # noqa: ANN001, ANN201
     if isinstance(box[0], UserError):
         raise box[0]
     return box[0]
+
+
+def gather_union(runtime: Runtime, local: list[str]) -> list[str]:
+    """Every rank's ``local`` messages, merged, sorted and without repeats, on every rank."""
+    gathered: list[list[str]] = [[] for _ in range(runtime.world_size)]
+    dist.all_gather_object(gathered, local, group=runtime.checkpoint_group)
+    return sorted({message for messages in gathered for message in messages})

@@ -22,7 +22,7 @@ from trainer.models import TOY_IN, build_model
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The unwrapped model with the checkpoint's weights, in eval mode, plus its training config."""
     info = open_checkpoint(checkpoint)
-    cfg = TrainConfig(**info.marker["config"])
+    cfg = TrainConfig(**info.marker.config)
     model = build_model(cfg)
     model.load_state_dict(read_model_weights(info.path))
     return model.eval(), cfg

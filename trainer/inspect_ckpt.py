@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from trainer.checkpoint import integrity
-from trainer.checkpoint.layout import CheckpointInfo, committed_checkpoints, open_checkpoint
+from trainer.checkpoint.layout import COMMIT_FILE, CheckpointInfo, committed_checkpoints, open_checkpoint
 from trainer.checkpoint.reader import read_metadata, read_tensors, require_dcp_dir, tensor_entries
 from trainer.errors import UserError
 
 
-def _sharding(entry) -> str:  # noqa: ANN001
+def _sharding(entry) -> str:
     chunks = entry.chunks
     if len(chunks) == 1:
         return "1 chunk"
@@ -25,12 +26,13 @@ def _sharding(entry) -> str:  # noqa: ANN001
 def show(path: str) -> str:
     info = open_checkpoint(path)
     marker = info.marker
+    resumed = marker.resumed_from and dataclasses.asdict(marker.resumed_from)
     lines = [f"checkpoint {info.path}",
-             f"  step {marker['step']}, world size {marker['world_size']}, {marker['bytes'] / 1e6:.2f} MB, "
-             f"reason {marker.get('reason')}, torch {marker.get('torch_version')}",
-             f"  sharding: {marker.get('sharding', '-')}",
-             f"  resumed_from: {json.dumps(marker.get('resumed_from'))}",
-             f"  model: {json.dumps(marker.get('shape'))}",
+             f"  step {marker.step}, world size {marker.world_size}, {marker.bytes / 1e6:.2f} MB, "
+             f"reason {marker.reason.value}, torch {marker.torch_version}, format {marker.format}",
+             f"  sharding: {marker.sharding or '-'}",
+             f"  resumed_from: {json.dumps(resumed)}",
+             f"  model: {json.dumps(marker.shape)}",
              f"  {'tensor':56} {'global shape':>16} {'dtype':>8} {'bytes':>12}  sharding"]
     for key, entry in tensor_entries(read_metadata(info.path)).items():
         numel = 1
@@ -41,13 +43,13 @@ def show(path: str) -> str:
         lines.append(f"  {key:56} {shape:>16} {str(entry.properties.dtype).removeprefix('torch.'):>8} "
                      f"{nbytes:>12}  {_sharding(entry)}")
     lines.append("  files: " + ", ".join(f"{name} ({entry['bytes']} B, {integrity.describe(entry)})"
-                                          for name, entry in sorted(marker["files"].items())))
+                                          for name, entry in sorted(marker.files.items())))
     return "\n".join(lines)
 
 
 def _targets(path: str) -> list[CheckpointInfo]:
     root = Path(path)
-    if (root / "commit.json").exists() or (root / ".metadata").exists():
+    if (root / COMMIT_FILE).exists() or (root / ".metadata").exists():
         return [open_checkpoint(root)]
     found = committed_checkpoints(root)
     if not found:
@@ -60,10 +62,10 @@ def verify(path: str, newest_only: bool = False) -> tuple[bool, str]:
     ok, lines = True, []
     targets = _targets(path)
     for info in targets[-1:] if newest_only else targets:
-        problems = integrity.problems(info.path, info.marker["files"])
+        problems = integrity.problems(info.path, info.marker.files)
         ok = ok and not problems
         status = "OK" if not problems else "BAD"
-        lines.append(f"{status} step {info.step} ({len(info.marker['files'])} files, {info.marker['bytes']} B)")
+        lines.append(f"{status} step {info.step} ({len(info.marker.files)} files, {info.marker.bytes} B)")
         lines += [f"  {problem}" for problem in problems]
     return ok, "\n".join(lines)
 

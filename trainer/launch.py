@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint.layout import committed_checkpoints
+from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
 from trainer.checkpoint.lock import JobLock
-from trainer.checkpoint.manager import check_compatible
+from trainer.checkpoint.marker import SaveReason, require_same_shape
 from trainer.config import TrainConfig, config_to_args
 from trainer.models import build_model
 from trainer.seeding import check_matches, read_model_state
-from trainer.train import prepare_checkpoint_dir
 
 
 def torchrun_prefix(*extra: str) -> list[str]:
@@ -34,12 +33,12 @@ def torchrun_prefix(*extra: str) -> list[str]:
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """The checks a worker would fail on, done once up front with a one-line message."""
     cfg.check_world_size(world_size)
-    prepare_checkpoint_dir(cfg.checkpoint_dir)
+    ensure_writable(cfg.checkpoint_dir)
     JobLock(Path(cfg.checkpoint_dir), run_id="", ttl=cfg.lock_ttl).refuse_if_held()
     if not cfg.no_resume and cfg.resume_from is None:
         committed = committed_checkpoints(cfg.checkpoint_dir)
         if committed:
-            check_compatible(cfg, committed[-1])
+            require_same_shape(committed[-1].path, committed[-1].marker, cfg.shape_fields())
     if cfg.init_from:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(cfg)
@@ -68,9 +67,9 @@ def run_local(cfg: TrainConfig, nproc: int) -> int:
     code = child.wait()
     if stopping and code != 0:
         committed = committed_checkpoints(cfg.checkpoint_dir)
-        newest = committed[-1].marker if committed else {}
-        if newest.get("reason") == "preempted" and newest.get("created", 0) >= started:
-            print(f"fsdp-train: stopped; emergency checkpoint step {newest['step']} committed", file=sys.stderr)
+        newest = committed[-1].marker if committed else None
+        if newest and newest.reason == SaveReason.PREEMPTED and newest.created >= started:
+            print(f"fsdp-train: stopped; emergency checkpoint step {newest.step} committed", file=sys.stderr)
             return 0
     return code
 

@@ -54,8 +54,8 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
              f"world size {last.get('world_size', '-')}, {last.get('samples_per_s', 0):.0f} samples/s"]
     if committed:
         newest = committed[-1].marker
-        lines.append(f"  last checkpoint: step {newest['step']} ({newest['reason']}, world size "
-                     f"{newest['world_size']}), {time.time() - newest['created']:.0f}s ago")
+        lines.append(f"  last checkpoint: step {newest.step} ({newest.reason.value}, world size "
+                     f"{newest.world_size}), {time.time() - newest.created:.0f}s ago")
     else:
         lines.append("  last checkpoint: none committed yet")
     lines.append(f"  resumes so far: {len(run.resumes)}" + "".join(

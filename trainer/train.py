@@ -1,14 +1,8 @@
-"""The worker: set up FSDP2 training, resume from the shared checkpoint, train, checkpoint.
-
-Global-batch semantics: every step consumes samples ``[samples_seen,
-samples_seen + global_batch_size)`` split as evenly as possible over the ranks,
-and each rank scales its summed loss by ``world_size / global_batch_size``.
-FSDP2 averages gradients over ranks, so the update is the single-process
-global-batch update whatever the world size.
-"""
+"""The worker: set up FSDP2 training, resume from the shared checkpoint, train, checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,8 +16,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from trainer.checkpoint.app_state import AppState, Progress, init_optimizer_state
+from trainer.checkpoint.layout import ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import CheckpointManager
+from trainer.checkpoint.settings import CheckpointSettings, RunIdentity
 from trainer.config import TrainConfig
 from trainer.data import SyntheticData, rank_slice
 from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
@@ -46,24 +42,20 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare_checkpoint_dir(path: str) -> None:
-    """Create the directory and prove it is writable before any training work is done."""
-    root = Path(path)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--checkpoint-dir {path}: not writable ({exc.strerror}); "
-                        "point it at a writable directory or volume") from None
-
-
 def run_id_from_env() -> str:
     return os.environ.get("FSDP_TRAIN_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
 
 
 class Trainer:
+    """One rank of the job: FSDP2 training on a fixed global batch, checkpointed by its manager.
+
+    Global-batch semantics: step ``s`` consumes samples ``[samples_seen, samples_seen +
+    global_batch_size)``, split as evenly as possible over the ranks, and each rank scales its
+    summed loss by ``world_size / global_batch_size``. FSDP2 averages gradients over ranks, so
+    the update is the single-process global-batch update whatever the world size, and a resume
+    at another world size continues the same trajectory.
+    """
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.stop = StopRequest()
@@ -77,7 +69,7 @@ class Trainer:
             exit_when_orphaned()
         self.rt: Runtime = init_runtime(cfg.device)
         cfg.check_world_size(self.rt.world_size)
-        on_primary(self.rt, prepare_checkpoint_dir, cfg.checkpoint_dir)
+        on_primary(self.rt, ensure_writable, cfg.checkpoint_dir)
         self.run_id = run_id_from_env()
         self.lock = JobLock(Path(cfg.checkpoint_dir), self.run_id, cfg.lock_ttl)
         on_primary(self.rt, self.lock.acquire)
@@ -90,17 +82,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(cfg, s))
         init_optimizer_state(self.optimizer)
         self.app_state = AppState(self.model, self.optimizer, self.scheduler, self.progress, cfg.seed)
-        self.checkpoints = CheckpointManager(cfg, self.rt, self.app_state, self.run_id)
-        resumed = self.checkpoints.restore()
-        if resumed is None and cfg.init_from:
+        self.checkpoints = CheckpointManager(CheckpointSettings.from_config(cfg), self.rt, self.app_state,
+                                             RunIdentity.from_config(cfg, self.run_id))
+        if self.checkpoints.start() is None and cfg.init_from:
             load_initial_weights(self.model, cfg.init_from)
-        self.checkpoints.prepare()
-        if self.rt.is_primary:
-            self.checkpoints.apply_retention()
         self.data = SyntheticData(cfg)
         self.metrics = MetricsWriter(cfg.checkpoint_dir, enabled=self.rt.is_primary)
+        resumed_from = self.checkpoints.resumed_from
         self.metrics.event("start", step=self.progress.step, world_size=self.rt.world_size, run_id=self.run_id,
-                           resumed_from=self.checkpoints.resumed_from, max_steps=cfg.max_steps)
+                           resumed_from=resumed_from and dataclasses.asdict(resumed_from), max_steps=cfg.max_steps)
         self.reporter = StepReporter(cfg, self.rt.is_primary, self.progress.step)
 
     # ---- one step -----------------------------------------------------------------------
@@ -121,35 +111,32 @@ class Trainer:
         self.progress.samples_seen += cfg.global_batch_size
         totals = torch.stack([losses.detach().sum().float(),
                               torch.tensor(float(self.stop.requested), device=rt.device)])
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # the loss for the record, and whether any rank was told to stop
         return totals[0].item() / cfg.global_batch_size, bool(totals[1].item() > 0)
 
-    # ---- loop ---------------------------------------------------------------------------
+    # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:
-        cfg = self.cfg
-        while self.progress.step < cfg.max_steps:
+        """Train to ``max_steps``, checkpointing as the manager's policy says; a stop request
+        any rank received ends the run with an emergency checkpoint of the last step."""
+        max_steps, loss = self.cfg.max_steps, None
+        while self.progress.step < max_steps:
             loss, stop_agreed = self.train_step()
             step = self.progress.step
-            self.checkpoints.last_loss = loss
             self.reporter.step(step, loss, self.rt.world_size, self.scheduler.get_last_lr()[0], self.metrics)
             if stop_agreed:
-                return self._emergency_stop(step)
-            if step == 1 and cfg.checkpoint_first_step:
-                self.checkpoints.save(step, blocking=True, reason="first-step")
-                self.checkpoints.verify_readable(step)
-            elif step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                self.checkpoints.save(step, blocking=False, reason="periodic")
-        self.checkpoints.save(self.progress.step, blocking=True, reason="final")
+                return self._stop_with_checkpoint(step, loss)
+            self.checkpoints.maybe_save(step, loss, final=step == max_steps)
+        self.checkpoints.maybe_save(self.progress.step, loss, final=True)  # no step ran: max_steps 0, or resumed there
         self.metrics.event("end", step=self.progress.step, world_size=self.rt.world_size)
         self.reporter.close()
         return 0
 
-    def _emergency_stop(self, step: int) -> int:
+    def _stop_with_checkpoint(self, step: int, loss: float) -> int:
         self.stop.start_deadline(self.cfg.shutdown_grace)
         if self.rt.is_primary:
             log.warning("stop requested (%s): writing emergency checkpoint at step %d",
                         self.stop.signal_name or "by a peer", step)
-        self.checkpoints.save(step, blocking=True, reason="preempted")
+        self.checkpoints.save_preempted(step, loss)
         self.stop.cancel_deadline()
         self.metrics.event("preempted", step=step, world_size=self.rt.world_size, signal=self.stop.signal_name)
         self.reporter.close()

@@ -34,8 +34,8 @@ def wait_for_commit(predicate, what: str, timeout: float = 900) -> dict:
     while time.monotonic() < deadline:
         for info in reversed(committed_checkpoints(SHARED)):
             if predicate(info.marker):
-                print(f"ok: {what}: step {info.step}, world size {info.marker['world_size']}, "
-                      f"resumed_from {info.marker['resumed_from']}", flush=True)
+                print(f"ok: {what}: step {info.step}, world size {info.marker.world_size}, "
+                      f"resumed_from {info.marker.resumed_from}", flush=True)
                 return info.marker
         time.sleep(5)
     raise SystemExit(f"timed out waiting for {what}")
@@ -52,20 +52,20 @@ def main() -> int:
     core, batch = client.CoreV1Api(), client.BatchV1Api()
     selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=worker"
 
-    wait_for_commit(lambda m: m["world_size"] == 2, "training at world size 2")
+    wait_for_commit(lambda m: m.world_size == 2, "training at world size 2")
     scaled_at = time.time()
     kind("scale", RELEASE, "3")
-    wait_for_commit(lambda m: m["world_size"] == 3 and m["created"] > scaled_at and m["resumed_from"],
+    wait_for_commit(lambda m: m.world_size == 3 and m.created > scaled_at and m.resumed_from,
                     "resumed resharded at world size 3")
     pods = core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
     victim = sorted(p.metadata.name for p in pods)[-1]
     deleted_at = time.time()
     core.delete_namespaced_pod(victim, NAMESPACE)
     print(f"deleted pod {victim}", flush=True)
-    wait_for_commit(lambda m: m["created"] > deleted_at and m["resumed_from"], "resumed after the pod deletion")
+    wait_for_commit(lambda m: m.created > deleted_at and m.resumed_from, "resumed after the pod deletion")
     scaled_at = time.time()
     kind("scale", RELEASE, "1")
-    wait_for_commit(lambda m: m["world_size"] == 1 and m["created"] > scaled_at, "resumed at world size 1")
+    wait_for_commit(lambda m: m.world_size == 1 and m.created > scaled_at, "resumed at world size 1")
     logs = "".join(core.read_namespaced_pod_log(p.metadata.name, NAMESPACE)
                    for p in core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
                    if p.status.phase == "Running")

@@ -4,6 +4,7 @@ Usage: dump_state.py OUT.pt {resume|train} [fsdp-train train flags]. Rank 0 writ
 gathered (unsharded) model and optimizer tensors plus progress, for bitwise comparison.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -25,12 +26,13 @@ def main() -> None:
     model_state, optim_state = get_state_dict(
         trainer.model, trainer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    resumed = trainer.checkpoints.resumed
     if trainer.rt.is_primary:
         torch.save({"model": model_state, "optim": optim_state["state"],
                     "step": trainer.progress.step, "samples_seen": trainer.progress.samples_seen,
                     "scheduler_last_epoch": trainer.scheduler.last_epoch,
-                    "resumed_from": trainer.checkpoints.resumed_from,
-                    "whole_items": trainer.checkpoints.restore_whole_items}, out)
+                    "resumed_from": resumed and dataclasses.asdict(resumed.lineage),
+                    "whole_items": resumed and resumed.whole_items}, out)
     trainer.close()
 
 

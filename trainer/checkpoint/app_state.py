@@ -17,6 +17,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from trainer.checkpoint.torch_compat import local_shard
+
 STATE_KEY = "app"
 
 
@@ -29,15 +31,15 @@ class Progress:
 def _address(value: Any) -> int:
     """Data address of a tensor (a DTensor's local shard), or the identity of any other value."""
     if isinstance(value, torch.Tensor):
-        return getattr(value, "_local_tensor", value).data_ptr()
+        return local_shard(value).data_ptr()
     return id(value)
 
 
 class AppState(Stateful):
     """Model, optimizer, scheduler and progress of one trainer as one DCP ``Stateful``.
 
-    ``get_state_dict`` walks every parameter to build FQN maps (about 25 ms for the
-    benchmark model), which would be most of an async save's stall. The tensors it
+    ``get_state_dict`` walks every parameter to build FQN maps, which would be most of an
+    async save's stall. The tensors it
     returns are the live ones (FSDP2 keeps sharded storage in place; the optimizer
     updates its state in place), so the result is reused while every live tensor is
     the one it was built from; only the optimizer's hyperparameters are refreshed.

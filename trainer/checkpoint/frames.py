@@ -1,9 +1,9 @@
 """Write a tensor exactly as ``torch.save`` does, without running ``torch.save`` for it every save.
 
 DCP stores every tensor of a shard file as its own ``torch.save`` record, so one checkpoint
-runs ``torch.save`` hundreds of times (pickling, seven zip records, ~40 small writes, about
-0.2 ms each). With zip CRCs off (see ``storage``), the output for a plain CPU tensor is a fixed
-*frame* around the raw storage bytes: zip headers, the pickle, alignment padding, the central
+runs ``torch.save`` hundreds of times (pickling, seven zip records, dozens of small writes).
+With zip CRCs off (see ``storage``), the output for a plain CPU tensor is a fixed *frame*
+around the raw storage bytes: zip headers, the pickle, alignment padding, the central
 directory. The frame depends only on the tensor's layout, never on its values, and a layout
 repeats every save. So the first save of each layout runs the real ``torch.save`` and records
 its frame, and later saves write frame + storage bytes: byte for byte what ``torch.save`` would
@@ -18,13 +18,11 @@ clone per layout; later saves write the view's bytes directly, with no copy.
 from __future__ import annotations
 
 import io
-from typing import Any
 
-import numpy as np
 import torch
-from torch.serialization import _get_storage_alignment, get_crc32_options
+from torch.serialization import get_crc32_options
 
-Frame = tuple[bytes, bytes]  # what torch.save writes before and after the storage bytes
+from trainer.checkpoint.torch_compat import Frame, record_torch_save, storage_alignment
 
 
 def framing_alignment() -> int | None:
@@ -33,11 +31,7 @@ def framing_alignment() -> int | None:
     A CRC depends on the values, so with CRCs on no frame is fixed and none is used. Read once
     per save: both settings are process-wide and slow to look up per tensor.
     """
-    return None if get_crc32_options() else _get_storage_alignment()
-
-
-def _address(buffer: Any) -> int:
-    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    return None if get_crc32_options() else storage_alignment()
 
 
 def frame_key(tensor: torch.Tensor, alignment: int) -> tuple | None:
@@ -56,32 +50,6 @@ def frame_key(tensor: torch.Tensor, alignment: int) -> tuple | None:
 def owns_its_storage(tensor: torch.Tensor) -> bool:
     """Whether ``torch.save`` would write exactly this tensor's bytes (else DCP saves a clone)."""
     return tensor.untyped_storage().nbytes() == tensor.nbytes
-
-
-class _FrameRecorder:
-    """File-like target for one real ``torch.save``: keeps every write, and where the payload was."""
-
-    def __init__(self, storage: torch.UntypedStorage) -> None:
-        self._storage = (storage.data_ptr(), storage.nbytes())
-        self.parts: list[bytes] = []
-        self._payload_at: list[int] = []
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if (_address(view), len(view)) == self._storage:
-            self._payload_at.append(len(self.parts))
-        self.parts.append(bytes(view))
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-    def frame(self) -> Frame | None:
-        """The recorded frame, or None unless the storage bytes came as exactly one write."""
-        if len(self._payload_at) != 1:
-            return None
-        split = self._payload_at[0]
-        return b"".join(self.parts[:split]), b"".join(self.parts[split + 1:])
 
 
 class TorchSaveFrames:
@@ -106,11 +74,9 @@ class TorchSaveFrames:
                 buffer = io.BytesIO()
                 torch.save(own, buffer)
                 return [buffer.getbuffer()], False
-            recorder = _FrameRecorder(own.untyped_storage())  # first of its layout: the real torch.save
-            torch.save(own, recorder)
-            frame = recorder.frame()
+            frame, parts = record_torch_save(own)  # the first of its layout: the real torch.save
             if frame is None:
-                return [memoryview(part) for part in recorder.parts], False
+                return [memoryview(part) for part in parts], False
             self._frames[key] = frame
         head, tail = frame
         return [memoryview(head), memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), memoryview(tail)], True

@@ -1,4 +1,4 @@
-"""Where checkpoints live and how a committed one is told from a partial one.
+"""Where checkpoints live, how a committed one is told from a partial one, and how one is deleted.
 
 ``<root>/step-<8 digits>/`` holds DCP's files. It counts as a checkpoint only
 once ``commit.json`` exists: rank 0 writes it atomically (temp file, fsync,
@@ -8,6 +8,7 @@ rename, fsync of the directory) after every rank's shards are durable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint.marker import CommitMarker, MarkerError
 from trainer.errors import UserError
 
+log = logging.getLogger("fsdp_train")
 COMMIT_FILE = "commit.json"
 DIGEST_SUFFIX = ".digest.json"
+SUPERSEDED_DIR = "superseded"  # where a rewind (--resume-from an older step) moves newer checkpoints
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -32,6 +36,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_writable(root: str | Path) -> None:
+    """Create the checkpoint directory and prove it is writable before any training work is done."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--checkpoint-dir {root}: not writable ({exc.strerror}); "
+                        "point it at a writable directory or volume") from None
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -49,23 +66,25 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 class CheckpointInfo:
     step: int
     path: Path
-    marker: dict[str, Any] | None
+    marker: CommitMarker | None
 
     @property
     def committed(self) -> bool:
         return self.marker is not None
 
     def summary(self) -> dict[str, Any]:
-        marker = self.marker or {}
+        """One row of ``ckpt list --json``."""
+        marker = self.marker
+        resumed = marker and marker.resumed_from
         return {
             "step": self.step,
             "path": str(self.path),
             "committed": self.committed,
-            "world_size": marker.get("world_size"),
-            "bytes": marker.get("bytes", _dir_bytes(self.path)),
-            "created": marker.get("created"),
-            "resumed_from": marker.get("resumed_from"),
-            "reason": marker.get("reason"),
+            "world_size": marker and marker.world_size,
+            "bytes": marker.bytes if marker else _dir_bytes(self.path),
+            "created": marker and marker.created,
+            "resumed_from": resumed and {"step": resumed.step, "world_size": resumed.world_size},
+            "reason": marker and marker.reason.value,
         }
 
 
@@ -73,10 +92,20 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_marker(path: Path) -> CommitMarker | None:
+    """The directory's commit marker; None when it has none, or (with a warning) a malformed one."""
+    marker_file = path / COMMIT_FILE
     try:
-        return json.loads((path / COMMIT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        text = marker_file.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("%s: unreadable (%s); treating %s as uncommitted", marker_file, exc.strerror, path.name)
+        return None
+    try:
+        return CommitMarker.from_json(json.loads(text))
+    except (json.JSONDecodeError, MarkerError) as exc:
+        log.warning("%s: not a valid commit marker (%s); treating %s as uncommitted", marker_file, exc, path.name)
         return None
 
 
@@ -106,7 +135,7 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
         raise UserError(f"{path}: no such checkpoint directory; list them with 'fsdp-train ckpt list DIR'")
     if marker is None:
         raise UserError(f"{path}: not a committed checkpoint (no {COMMIT_FILE}); pick one from 'fsdp-train ckpt list'")
-    return CheckpointInfo(int(match.group(1)) if match else int(marker["step"]), path, marker)
+    return CheckpointInfo(int(match.group(1)) if match else marker.step, path, marker)
 
 
 def resolve_resume_target(root: str | Path, spec: str) -> CheckpointInfo:
@@ -116,8 +145,11 @@ def resolve_resume_target(root: str | Path, spec: str) -> CheckpointInfo:
     return open_checkpoint(spec)
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a checkpoint directory, marker first so it can never look committed half-deleted."""
+def delete_step_dir(path: Path) -> None:
+    """Delete a checkpoint directory, marker first so it can never look committed half-deleted.
+
+    The one place step directories are deleted: retention, a failed save's partial files, and a
+    save that replaces a crash's partial directory at the same step all come here."""
     marker = path / COMMIT_FILE
     if marker.exists():
         marker.unlink()

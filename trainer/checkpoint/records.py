@@ -2,8 +2,8 @@
 
 An async save writes the same staging buffers every time, and the planner keeps one plan while
 the layout holds, so each tensor item names the same tensor, with the same frame, save after
-save. Resolving the item and looking up its frame costs about 20 us of Python per tensor, on a
-CPU that training needs; here it is done once, and a later save only checks that the item still
+save. Resolving the item and looking up its frame is Python work per tensor, on a CPU that
+training needs; here it is done once, and a later save only checks that the item still
 names the same tensor object over the same storage, then writes the cached frame and a view of
 the tensor's current bytes. Most byte items (hyperparameters, the parameter list) never change:
 their ``torch.save`` output is kept and reused while the value pickles to the same bytes.
@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint.frames import TorchSaveFrames
 from trainer.checkpoint.staging import SCALAR_TYPES
+from trainer.checkpoint.torch_compat import local_shard
 
 
 @dataclass
@@ -40,7 +41,7 @@ class _TensorRecord:
 def _local_tensor(source: Any) -> torch.Tensor | None:
     """The tensor a state-dict value is written as, when that needs no planner logic; else None."""
     if isinstance(source, DTensor):
-        local = source._local_tensor
+        local = local_shard(source)
         return local if type(local) is torch.Tensor else None
     return source if type(source) is torch.Tensor else None
 

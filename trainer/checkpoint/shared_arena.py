@@ -14,11 +14,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DeviceMesh, DTensor
+
+from trainer.checkpoint.torch_compat import local_shard
 
 ALIGNMENT = 64  # bytes: every tensor starts on a cache line, which suits every dtype's view
 
@@ -93,11 +96,6 @@ class SharedArena:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def local_shard(value: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: a DTensor's local shard, any other tensor itself."""
-    return value._local_tensor if isinstance(value, DTensor) else value
 
 
 def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:

@@ -5,7 +5,7 @@ the background writer then reads the copies while training mutates the
 originals. Buffers are sized up front (``prepare``) so the first save is as
 cheap as every later one. They are views into one ``SharedArena``, so a writer
 process can map them too; pinned only where CUDA exists. All tensors are
-copied by one ``_foreach_copy_`` call, not one call each.
+copied by one fused call (``torch_compat.copy_all``), not one call each.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from trainer.checkpoint.shared_arena import (
     SharedArena,
     TensorRef,
     TensorSlot,
-    local_shard,
     map_leaves,
     materialize,
     place,
 )
+from trainer.checkpoint.torch_compat import copy_all, local_shard
 
 SCALAR_TYPES = (int, float, bool, str, bytes, type(None))  # immutable: staged as they are
 
@@ -89,7 +89,7 @@ class ReusableHostStager:
             targets.clear()
             staged = _mirror(state_dict, self._buffers, sources, targets)
         with torch.no_grad():  # a snapshot, not part of any graph
-            torch._foreach_copy_(targets, sources)
+            copy_all(targets, sources)
         return staged
 
     def _allocate(self, state_dict: dict[str, Any]) -> None:

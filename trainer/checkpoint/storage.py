@@ -1,12 +1,15 @@
-"""A DCP ``FileSystemWriter`` that checksums what it writes and commits the checkpoint.
+"""The storage writers: DCP ``FileSystemWriter``s that checksum what they write and commit the checkpoint.
 
 Each rank digests its shard files as it writes them (no second read) and leaves
 a small digest file. DCP calls ``finish`` on the coordinator only after every
 rank's ``write_data`` returned, so that is where the commit marker is written:
-a checkpoint is committed exactly when all ranks' files are durable. The files
-are laid out exactly as DCP's own writer lays them out (stock readers load them);
-each item's ``torch.save`` record comes from the record cache (``records``), and
-each file goes out in a few ``writev`` calls, handed to the disk as they return.
+a checkpoint is committed exactly when all ranks' files are durable.
+
+``CommittingWriter`` does that around DCP's own write loop. ``FastCommittingWriter`` (the
+default, on a tested torch) also replaces the loop: the files are laid out exactly as DCP's
+own writer lays them out (stock readers load them), each item's ``torch.save`` record comes
+from the record cache (``records``), and each file goes out in a few ``writev`` calls,
+handed to the disk as they return.
 """
 
 from __future__ import annotations
@@ -16,21 +19,25 @@ import json
 import os
 import queue
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from trainer.checkpoint import torch_compat
 from trainer.checkpoint.frames import framing_alignment
 from trainer.checkpoint.integrity import BlockDigests, file_digest
-from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, remove_tree, write_json_atomic
+from trainer.checkpoint.layout import COMMIT_FILE, DIGEST_SUFFIX, delete_step_dir, write_json_atomic
+from trainer.checkpoint.marker import CommitMarker
 from trainer.checkpoint.records import ItemRecords
+from trainer.checkpoint.torch_compat import StorageInfo, WriteLoopWriter
 
 
 class _DigestingStream:
@@ -90,9 +97,8 @@ def _start_writeback(descriptor: int, offset: int, length: int) -> None:
     """Have the kernel start writing just-written pages to disk now, not at the final ``fsync``.
 
     Linux starts writeback for ``POSIX_FADV_DONTNEED``, so the disk works while later bytes are
-    still being copied into the page cache, and the ``fsync`` waits only for the tail (two 0.7 GB
-    files written side by side here were durable in 0.43 s instead of 0.58 s). It also keeps a
-    checkpoint's dirty pages from piling up in memory. Elsewhere this does nothing.
+    still being copied into the page cache, and the ``fsync`` waits only for the tail. It also
+    keeps a checkpoint's dirty pages from piling up in memory. Elsewhere this does nothing.
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_DONTNEED)
@@ -129,7 +135,7 @@ class _DigestingFileSystem(FileSystem):
 def zip_checksums(enabled: bool) -> Iterator[None]:
     """Switch the CRC32 that ``torch.save`` computes per zip record on or off, then restore it.
 
-    The writer turns it off while our own checksum runs: our digest already covers every byte of
+    The writers turn it off while our own checksum runs: our digest already covers every byte of
     every file, at a fraction of miniz's cost, and ``torch.load`` does not check zip CRCs. The
     switch is process-wide: nothing else in a training process calls ``torch.save`` while a
     checkpoint is being written.
@@ -143,20 +149,16 @@ def zip_checksums(enabled: bool) -> Iterator[None]:
 
 
 class CommittingWriter(FileSystemWriter):
-    """Writes one DCP checkpoint directory and, on the coordinator, its commit marker.
-
-    ``marker`` is the commit marker's content minus what only the writer knows
-    (files, bytes, timings); ``on_commit`` runs on the coordinator afterwards.
-    ``records`` is the process's cache of item records, kept across saves.
+    """Writes one DCP checkpoint directory with DCP's own write loop and, on the coordinator, its
+    commit marker: ``draft`` completed with the files, sizes and timings, then ``on_commit``.
     """
 
-    def __init__(self, path: Path, marker: dict[str, Any], on_commit: Callable[[dict], None] | None = None,
+    def __init__(self, path: Path, draft: CommitMarker, on_commit: Callable[[CommitMarker], None] | None = None,
                  records: ItemRecords | None = None) -> None:
         super().__init__(path, overwrite=True)
-        self._records = records or ItemRecords()
         self.fs = _DigestingFileSystem(self._record_digest)
         self._digests: dict[str, dict[str, Any]] = {}
-        self._marker = marker
+        self._draft = draft
         self._on_commit = on_commit
         self._started = time.time()
 
@@ -166,7 +168,7 @@ class CommittingWriter(FileSystemWriter):
     def prepare_local_plan(self, plan: Any) -> Any:
         # Saving step S replaces whatever was at S (a crash's partial files must not mix with ours).
         if self.rank in (0, None) and Path(self.path).exists():
-            remove_tree(Path(self.path))
+            delete_step_dir(Path(self.path))
         return super().prepare_local_plan(plan)
 
     def write_data(self, plan: Any, planner: Any) -> Any:
@@ -180,7 +182,35 @@ class CommittingWriter(FileSystemWriter):
         digest_file.write_text(json.dumps(self._digests))
         return future
 
-    def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[list[WriteResult]]:
+    def finish(self, metadata: Any, results: Any) -> None:
+        # DCP sends ``metadata`` back to every rank after this returns. The storage locations
+        # belong in the file only (half its bytes, most of its unpickling), so a copy gets them.
+        super().finish(dataclasses.replace(metadata), results)
+        root = Path(self.path)
+        written = self._digests.get(_METADATA_TMP)  # digested on the way out: no need to read it back
+        files: dict[str, dict[str, Any]] = {".metadata": written or file_digest(root / ".metadata")}
+        for digest_file in sorted(root.glob(f".rank-*{DIGEST_SUFFIX}")):
+            files.update(json.loads(digest_file.read_text()))
+        marker = self._draft.completed(files, created=time.time(), save_seconds=time.time() - self._started)
+        write_json_atomic(root / COMMIT_FILE, marker.to_json())
+        for digest_file in root.glob(f".rank-*{DIGEST_SUFFIX}"):
+            digest_file.unlink()
+        if self._on_commit is not None:
+            self._on_commit(marker)
+
+
+class FastCommittingWriter(WriteLoopWriter, CommittingWriter):
+    """``CommittingWriter`` with this project's write loop: records from the cache, ``writev`` per file.
+
+    ``records`` is the process's cache of item records, kept across saves.
+    """
+
+    def __init__(self, path: Path, draft: CommitMarker, on_commit: Callable[[CommitMarker], None] | None = None,
+                 records: ItemRecords | None = None) -> None:
+        super().__init__(path, draft, on_commit)
+        self._records = records or ItemRecords()
+
+    def write_files(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[list[WriteResult]]:
         """DCP's one-thread write loop, with each item's record taken from the record cache.
 
         Same layout as DCP's: per file, byte items first, then tensors, each a ``torch.save``
@@ -189,7 +219,7 @@ class CommittingWriter(FileSystemWriter):
         writes per tensor.
         """
         if self.transforms.extensions:
-            raise ValueError("CommittingWriter does not support stream transform extensions")
+            raise ValueError("FastCommittingWriter does not support stream transform extensions")
         results: list[WriteResult] = []
         alignment = framing_alignment()
         with torch.no_grad():  # writing needs no autograd; a DTensor then yields its shard directly
@@ -210,7 +240,7 @@ class CommittingWriter(FileSystemWriter):
             pieces = self._records.pieces(planner, item, alignment)
             length = sum(len(piece) for piece in pieces)
             results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                       storage_data=_StorageInfo(storage_key, offset, length)))
+                                       storage_data=StorageInfo(storage_key, offset, length)))
             buffers += pieces
             offset += length
         with self.fs.create_stream(path, "wb") as stream:
@@ -218,24 +248,10 @@ class CommittingWriter(FileSystemWriter):
             if self.sync_files:
                 os.fsync(stream.fileno())
 
-    def finish(self, metadata: Any, results: Any) -> None:
-        # DCP sends ``metadata`` back to every rank after this returns. The storage locations
-        # belong in the file only (half its bytes, most of its unpickling), so a copy gets them.
-        super().finish(dataclasses.replace(metadata), results)
-        root = Path(self.path)
-        written = self._digests.get(_METADATA_TMP)  # digested on the way out: no need to read it back
-        files: dict[str, dict[str, Any]] = {".metadata": written or file_digest(root / ".metadata")}
-        for digest_file in sorted(root.glob(f".rank-*{DIGEST_SUFFIX}")):
-            files.update(json.loads(digest_file.read_text()))
-        marker = {
-            **self._marker,
-            "files": files,
-            "bytes": sum(entry["bytes"] for entry in files.values()),
-            "created": round(time.time(), 3),
-            "save_seconds": round(time.time() - self._started, 3),
-        }
-        write_json_atomic(root / COMMIT_FILE, marker)
-        for digest_file in root.glob(f".rank-*{DIGEST_SUFFIX}"):
-            digest_file.unlink()
-        if self._on_commit is not None:
-            self._on_commit(marker)
+
+def new_storage_writer(path: Path, draft: CommitMarker, on_commit: Callable[[CommitMarker], None] | None = None,
+                       records: ItemRecords | None = None) -> CommittingWriter:
+    """The storage writer saves use: the fast one, or DCP's loop where torch is outside the tested range."""
+    if torch_compat.fast_paths():
+        return FastCommittingWriter(path, draft, on_commit, records)
+    return CommittingWriter(path, draft, on_commit)

@@ -1,7 +1,16 @@
-"""Messages between the trainer and its writer process: pickles over a Unix socket pair.
+"""The messages between a trainer (the writer client) and its writer process (the writer server).
 
-Both ends are the same job's own processes, so pickle is safe here. A message may carry
-file descriptors (the staging memory); they travel with its first bytes (``SCM_RIGHTS``).
+They travel as pickles over a Unix socket pair. Both ends are the same job's own processes,
+so pickle is safe here; nothing from a checkpoint ever crosses this socket. A message may
+carry file descriptors (the staging memory); they travel with its first bytes (``SCM_RIGHTS``).
+
+    client                         server
+    Hello          ------------>   joins the writers' gloo group
+                   <------------   Ready | Failed
+    Map + memfd    ------------>   maps the staging memory (no answer)
+    Save           ------------>   dcp.save of the staged state
+                   <------------   Saved | Failed
+    (closes the socket)            leaves its group and exits
 """
 
 from __future__ import annotations
@@ -9,7 +18,59 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
+
+from trainer.checkpoint.marker import CommitMarker
+from trainer.checkpoint.shared_arena import TensorRef
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The first message: who this writer is and where its group meets."""
+
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    store_prefix: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The writer joined its group and takes saves."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Joining, or a save, failed; ``reason`` is one short phrase."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Map:
+    """Map the staging memory sent with this message: ``nbytes`` long, tensors at ``refs``."""
+
+    nbytes: int
+    refs: list[TensorRef]
+
+
+@dataclass(frozen=True)
+class Save:
+    """Write ``slotted`` (a staged state dict with ``TensorSlot``s for its tensors) to ``path``."""
+
+    slotted: Any
+    path: str
+    draft: CommitMarker
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The save is durable; the commit marker on the coordinator, None on other ranks."""
+
+    marker: CommitMarker | None
 
 _LENGTH = struct.Struct("!Q")
 MAX_FDS = 4

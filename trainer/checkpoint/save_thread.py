@@ -1,4 +1,4 @@
-"""The thread that runs async checkpoint saves: one, long-lived, at the lowest CPU priority.
+"""The save thread: runs async checkpoint saves and retention, one at a time, at the lowest CPU priority.
 
 It writes each save itself (``--checkpoint-writer thread``) or hands it to the writer
 process and waits for the answer. On a node whose cores are busy training, every
@@ -26,7 +26,7 @@ def lower_this_thread_priority() -> None:
         pass
 
 
-def background_writer() -> ThreadPoolExecutor:
+def save_thread() -> ThreadPoolExecutor:
     """A single low-priority thread: saves run one at a time, in the order they were submitted."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save",
                               initializer=lower_this_thread_priority)

@@ -1,23 +1,36 @@
-"""The trainer's handle on its writer process (``writer_child``): start it, feed it saves, stop it."""
+"""The writer client: the trainer's handle on its writer process (``writer_server``).
+
+It starts the process, sends it the staging memory and each save, and stops it. Writer
+processes run on every rank or on none (their own gloo group needs all of them), which
+``start_on_every_rank`` agrees across ranks.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import trainer
 from trainer.checkpoint import wire
 from trainer.checkpoint.failures import SaveFailed
+from trainer.checkpoint.marker import CommitMarker
 from trainer.checkpoint.shared_arena import shared_memory_supported
 from trainer.checkpoint.staging import ReusableHostStager
-from trainer.checkpoint.writer_child import Hello
+from trainer.checkpoint.wire import Failed, Hello, Map, Ready, Save
+from trainer.distributed import Runtime, gather_union, on_primary, store_address
+
+log = logging.getLogger("fsdp_train")
 
 START_TIMEOUT_S = 120.0  # importing torch and meeting every other rank's writer
 STOP_TIMEOUT_S = 30.0
+GROUP_TIMEOUT = timedelta(minutes=30)  # a collective may wait while the slowest rank writes its shards
 
 
 class WriterUnavailable(Exception):
@@ -28,7 +41,9 @@ class WriterProcessDied(Exception):
     """The writer process exited while the trainer needed it."""
 
 
-class WriterProcess:
+class WriterClient:
+    """One rank's writer process, seen from the trainer."""
+
     def __init__(self, hello: Hello) -> None:
         if not shared_memory_supported():
             raise WriterUnavailable("this OS has no memfd to share staging memory")
@@ -38,7 +53,7 @@ class WriterProcess:
         with child_end:
             try:
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", "trainer.checkpoint.writer_child", str(child_end.fileno()),
+                    [sys.executable, "-m", "trainer.checkpoint.writer_server", str(child_end.fileno()),
                      str(os.getpid())], pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
             except OSError as exc:
                 self._sock.close()
@@ -55,9 +70,9 @@ class WriterProcess:
         except (OSError, WriterProcessDied) as exc:
             self.close()
             raise WriterUnavailable(str(exc)) from None
-        if reply[0] != "ready":
+        if not isinstance(reply, Ready):
             self.close()
-            raise WriterUnavailable(reply[1])
+            raise WriterUnavailable(reply.reason)
 
     @property
     def pid(self) -> int:
@@ -85,17 +100,17 @@ class WriterProcess:
         if self._mapped_generation == stager.generation:
             return
         assert stager.arena is not None and stager.arena.fd is not None
-        self._send(("map", stager.arena.nbytes, stager.refs), fds=(stager.arena.fd,))
+        self._send(Map(stager.arena.nbytes, stager.refs), fds=(stager.arena.fd,))
         self._mapped_generation = stager.generation
 
-    def save(self, stager: ReusableHostStager, staged: Any, path: Path, marker: dict[str, Any]) -> dict | None:
+    def save(self, stager: ReusableHostStager, staged: Any, path: Path, draft: CommitMarker) -> CommitMarker | None:
         """Have the writer process save ``staged`` (a stage of ``stager``); the commit marker on the coordinator."""
         self.map(stager)
-        self._send(("save", stager.slotted(staged), str(path), marker))
+        self._send(Save(stager.slotted(staged), str(path), draft))
         reply = self._receive()
-        if reply[0] == "failed":
-            raise SaveFailed(reply[1])
-        return reply[1]
+        if isinstance(reply, Failed):
+            raise SaveFailed(reply.reason)
+        return reply.marker
 
     def close(self) -> None:
         """Stop the writer: it sees the socket close, leaves its group and exits."""
@@ -105,3 +120,25 @@ class WriterProcess:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def start_on_every_rank(rt: Runtime, stager: ReusableHostStager) -> WriterClient | None:
+    """A writer process on every rank, mapped to ``stager``'s memory, or None on all ranks (with the
+    first rank's reason logged) when any rank cannot start one."""
+    prefix = on_primary(rt, lambda: f"fsdp-train/writers/{uuid.uuid4().hex}/")
+    host, port = store_address()
+    client: WriterClient | None = None
+    problems: list[str] = []
+    try:
+        client = WriterClient(Hello(rt.rank, rt.world_size, host, port, prefix, GROUP_TIMEOUT.total_seconds()))
+        client.map(stager)
+    except (WriterUnavailable, WriterProcessDied) as exc:
+        problems.append(f"rank {rt.rank}: {exc}")
+    problems = gather_union(rt, problems)
+    if not problems:
+        return client
+    if client is not None:
+        client.close()
+    if rt.is_primary:
+        log.warning("no checkpoint writer process (%s); async saves are written by a thread instead", problems[0])
+    return None

@@ -1,4 +1,5 @@
-"""The writer process: runs each async save's ``dcp.save`` outside the trainer process.
+"""The writer server: the main of the writer process, which runs each async save's ``dcp.save``
+outside the trainer process. The trainer's side is ``writer_client``; the messages, ``wire``.
 
 A writer thread shares the trainer's GIL, and a save's pickling holds it for milliseconds at
 a time while training waits to launch its next op. In a process of its own the same work
@@ -17,7 +18,6 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,27 +29,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DeviceMesh
 
 from trainer.checkpoint import wire
-from trainer.checkpoint.background import BACKGROUND_NICE
 from trainer.checkpoint.failures import root_cause
-from trainer.checkpoint.planner import LayoutCachingSavePlanner
+from trainer.checkpoint.marker import CommitMarker
+from trainer.checkpoint.planner import new_save_planner
 from trainer.checkpoint.records import ItemRecords
-from trainer.checkpoint.shared_arena import SharedArena, ShardingRef, TensorRef, fill_slots, materialize
-from trainer.checkpoint.storage import CommittingWriter
+from trainer.checkpoint.save_thread import BACKGROUND_NICE
+from trainer.checkpoint.shared_arena import ShardingRef, SharedArena, TensorRef, fill_slots, materialize
+from trainer.checkpoint.storage import new_storage_writer
+from trainer.checkpoint.wire import Failed, Hello, Map, Ready, Save, Saved
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class Hello:
-    """The first message: who this writer is and where its group meets."""
-
-    rank: int
-    world_size: int
-    store_host: str
-    store_port: int
-    store_prefix: str
-    timeout_s: float
-
 
 def _die_with(parent_pid: int) -> None:
     """Be killed when the trainer dies, however it dies; exit now if it already has."""
@@ -62,21 +51,22 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-class _Writer:
-    """The writer's state across saves: the mapped staging memory, its tensors, the plan and record caches."""
+class WriterState:
+    """What the writer server keeps across saves: the mapped staging memory, its tensors, the plan
+    and record caches."""
 
     def __init__(self) -> None:
         self._arena: SharedArena | None = None
         self.tensors: list[torch.Tensor] = []  # the mapped staging buffers, in the trainer's ref order
         self._unmapped = "no staging memory was mapped before the first save"  # why saves cannot run
         self._meshes: dict[tuple, DeviceMesh] = {}
-        self._planner = LayoutCachingSavePlanner()
+        self._planner = new_save_planner()
         self._records = ItemRecords()
 
     def map(self, fd: int, nbytes: int, refs: list[TensorRef]) -> None:
         """Map the trainer's staging memory and build its tensors now, between saves, not in the first one.
 
-        Building the first DTensor imports ``torch._dynamo`` (about 0.75 CPU-seconds); the trainer
+        Building the first DTensor imports ``torch._dynamo``, most of a CPU-second; the trainer
         does not wait for a map, so that cost lands while it trains its first steps. A failure
         is answered at the next save, as a failed save.
         """
@@ -99,12 +89,12 @@ class _Writer:
                                            mesh_dim_names=sharding.mesh_dim_names)
         return self._meshes[key]
 
-    def save(self, slotted: Any, path: str, marker: dict[str, Any]) -> dict[str, Any] | None:
+    def save(self, slotted: Any, path: str, draft: CommitMarker) -> CommitMarker | None:
         """Write one checkpoint; the commit marker on the coordinator, None elsewhere."""
         if self._arena is None:
             raise RuntimeError(self._unmapped)
-        committed: list[dict[str, Any]] = []
-        writer = CommittingWriter(Path(path), marker, on_commit=committed.append, records=self._records)
+        committed: list[CommitMarker] = []
+        writer = new_storage_writer(Path(path), draft, on_commit=committed.append, records=self._records)
         dcp.save(fill_slots(slotted, self.tensors), storage_writer=writer, planner=self._planner)
         return committed[0] if committed else None
 
@@ -122,22 +112,23 @@ def serve(sock: socket.socket) -> None:
     try:
         _join_group(hello)
     except Exception as exc:  # noqa: BLE001 - reported to the trainer, which falls back to a thread
-        wire.send(sock, ("failed", f"could not join the writers' group: {root_cause(exc)}"))
+        wire.send(sock, Failed(f"could not join the writers' group: {root_cause(exc)}"))
         return
-    wire.send(sock, ("ready",))
-    writer = _Writer()
+    wire.send(sock, Ready())
+    state = WriterState()
     while True:
         try:
             message, fds = wire.receive(sock)
         except EOFError:
             break
-        if message[0] == "map":
-            writer.map(fds[0], *message[1:])
+        if isinstance(message, Map):
+            state.map(fds[0], message.nbytes, message.refs)
             continue
+        assert isinstance(message, Save), message
         try:
-            wire.send(sock, ("saved", writer.save(*message[1:])))
+            wire.send(sock, Saved(state.save(message.slotted, message.path, message.draft)))
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - the trainer decides what a failure means
-            wire.send(sock, ("failed", root_cause(exc)))
+            wire.send(sock, Failed(root_cause(exc)))
     dist.destroy_process_group()
 
 

@@ -1,0 +1,52 @@
+"""The checkpoint engine's slice of the training config, and the modes it chooses between."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+
+class SaveMode(str, Enum):
+    ASYNC = "async"  # periodic saves stage a copy, then write it in the background
+    SYNC = "sync"  # every save blocks training until it is committed
+
+
+class WriterKind(str, Enum):
+    PROCESS = "process"  # a writer process per rank writes async saves (a thread where it cannot start)
+    THREAD = "thread"  # the save thread writes them itself
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    directory: Path
+    every: int  # save every K steps
+    first_step: bool  # also save right after step 1, then read it back
+    mode: SaveMode
+    writer: WriterKind
+    keep_last: int
+    resume_from: str | None  # a step number or a checkpoint path; None: the newest committed
+    no_resume: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> CheckpointSettings:
+        return cls(Path(cfg.checkpoint_dir), cfg.checkpoint_every, cfg.checkpoint_first_step,
+                   SaveMode(cfg.checkpoint_mode), WriterKind(cfg.checkpoint_writer), cfg.keep_last,
+                   cfg.resume_from, cfg.no_resume)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every commit marker of this run records about it."""
+
+    run_id: str
+    shape: dict[str, Any]  # the model-shape settings a resume must match
+    config: dict[str, Any]  # the whole training config, for ``infer`` and the record
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, run_id: str) -> RunIdentity:
+        return cls(run_id, cfg.shape_fields(), cfg.to_dict())
