@@ -192,6 +192,26 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     return config
 
 
+def config_from_record(values: dict[str, Any], source: str) -> TrainConfig:
+    """A config recorded elsewhere (a checkpoint's ``commit.json``), checked as any input is: known
+    settings only, each of its type, then validated."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{source}: unknown setting(s) {', '.join(map(str, unknown))}; written by another "
+                        "fsdp-train version?")
+    checked = {}
+    for name, value in values.items():
+        optional, choices = str(known[name].type).endswith("| None"), known[name].metadata.get("choices")
+        wrong_text = _field_types()[name] is str and value is not None and not isinstance(value, str)
+        if (value is None and not optional) or wrong_text or (choices and value not in choices):
+            raise UserError(f"{source}: {name}={value!r} is not a valid setting")
+        checked[name] = _coerce(name, value, source)
+    config = TrainConfig(**checked)
+    config.validate()
+    return config
+
+
 def config_to_args(config: TrainConfig) -> list[str]:
     """Render a config back into flags (used to hand a validated config to torchrun workers)."""
     argv: list[str] = []

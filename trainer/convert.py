@@ -1,29 +1,35 @@
-"""DCP <-> torch.save conversion, wrapping ``torch.distributed.checkpoint.format_utils``."""
+"""DCP <-> ``torch.save`` conversion, reading both sides as data.
+
+``dcp-to-torch`` reads the checkpoint through ``reader.read_state`` (restricted metadata, bytes
+items with ``weights_only=True``); ``torch-to-dcp`` loads the ``.pth`` with ``weights_only=True``.
+DCP's own ``format_utils`` would load with ``weights_only=False`` on both paths.
+"""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+import torch
+import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint.reader import require_dcp_dir
+from trainer.checkpoint.reader import read_state
 from trainer.errors import UserError
 from trainer.seeding import load_torch_file
 
 
 def dcp_to_torch(checkpoint: str, out: str) -> None:
     """One ``.pth`` holding the whole (unsharded) state; loads with ``weights_only=True``."""
-    require_dcp_dir(checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp_to_torch_save(checkpoint, out)
+    state = read_state(checkpoint)
+    torch.save(state, out)
 
 
 def torch_to_dcp(source: str, out_dir: str) -> None:
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty; pass a new directory")
-    load_torch_file(source, source)  # a clear error for a missing or bad file, before format_utils' own
-    with warnings.catch_warnings():
+    state = load_torch_file(source, source)
+    if not isinstance(state, dict):
+        raise UserError(f"{source}: holds a {type(state).__name__}, not a state dict; pass a torch.save'd dict")
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        torch_save_to_dcp(source, out_dir)
+        dcp.save(state, checkpoint_id=out_dir, no_dist=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint.layout import open_checkpoint
+from trainer.checkpoint.layout import COMMIT_FILE, open_checkpoint
 from trainer.checkpoint.reader import read_model_weights
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, config_from_record
 from trainer.errors import UserError
 from trainer.models import TOY_IN, build_model
 
@@ -22,7 +22,7 @@ from trainer.models import TOY_IN, build_model
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The unwrapped model with the checkpoint's weights, in eval mode, plus its training config."""
     info = open_checkpoint(checkpoint)
-    cfg = TrainConfig(**info.marker.config)
+    cfg = config_from_record(info.marker.config, f"{info.path / COMMIT_FILE} config")
     model = build_model(cfg)
     model.load_state_dict(read_model_weights(info.path))
     return model.eval(), cfg

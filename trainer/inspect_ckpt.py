@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import integrity
+from trainer.checkpoint import integrity, safe_read
 from trainer.checkpoint.layout import COMMIT_FILE, CheckpointInfo, committed_checkpoints, open_checkpoint
-from trainer.checkpoint.reader import read_metadata, read_tensors, require_dcp_dir, tensor_entries
+from trainer.checkpoint.reader import read_tensors, require_dcp_dir, tensor_entries
+from trainer.checkpoint.safe_read import METADATA_FILE
 from trainer.errors import UserError
 
 
@@ -34,7 +35,8 @@ def show(path: str) -> str:
              f"  resumed_from: {json.dumps(resumed)}",
              f"  model: {json.dumps(marker.shape)}",
              f"  {'tensor':56} {'global shape':>16} {'dtype':>8} {'bytes':>12}  sharding"]
-    for key, entry in tensor_entries(read_metadata(info.path)).items():
+    metadata = safe_read.read_metadata(info.path, marker.files.get(METADATA_FILE))
+    for key, entry in tensor_entries(metadata).items():
         numel = 1
         for dim in entry.size:
             numel *= dim
@@ -49,7 +51,7 @@ def show(path: str) -> str:
 
 def _targets(path: str) -> list[CheckpointInfo]:
     root = Path(path)
-    if (root / COMMIT_FILE).exists() or (root / ".metadata").exists():
+    if (root / COMMIT_FILE).exists() or (root / METADATA_FILE).exists():
         return [open_checkpoint(root)]
     found = committed_checkpoints(root)
     if not found:
@@ -63,6 +65,11 @@ def verify(path: str, newest_only: bool = False) -> tuple[bool, str]:
     targets = _targets(path)
     for info in targets[-1:] if newest_only else targets:
         problems = integrity.problems(info.path, info.marker.files)
+        if not problems:  # intact as recorded; now also safe to open?
+            try:
+                safe_read.read_metadata(info.path, info.marker.files.get(METADATA_FILE))
+            except UserError as exc:
+                problems = [str(exc)]
         ok = ok and not problems
         status = "OK" if not problems else "BAD"
         lines.append(f"{status} step {info.step} ({len(info.marker.files)} files, {info.marker.bytes} B)")

@@ -107,6 +107,19 @@ def file_digest(path: Path) -> dict[str, Any]:
     return digests.entry()
 
 
+def bytes_problem(path: Path, data: bytes, recorded: dict[str, Any]) -> str | None:
+    """What is wrong with a file's bytes, already read, against its marker entry; None if intact."""
+    if len(data) != recorded["bytes"]:
+        return f"{path}: {len(data)} bytes, {recorded['bytes']} recorded at commit (truncated or rewritten)"
+    if BLOCKS in recorded:
+        digests = BlockDigests(recorded["block_bytes"])
+        digests.update(memoryview(data))
+        intact = digests.entry()[BLOCKS] == recorded[BLOCKS]
+    else:
+        intact = xxhash.xxh3_64(data).hexdigest() == recorded[ALGORITHM]
+    return None if intact else f"{path}: checksum differs from the one recorded at commit (altered)"
+
+
 def _span_digest(path: Path, span: Span, buffer: memoryview) -> str:
     hasher, left = new_hasher(), span.length
     with path.open("rb", buffering=0) as src:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.marker import CommitMarker, MarkerError
+from trainer.checkpoint.marker import MAX_MARKER_BYTES, CommitMarker, MarkerError
 from trainer.errors import UserError
 
 log = logging.getLogger("fsdp_train")
@@ -96,15 +96,18 @@ def read_marker(path: Path) -> CommitMarker | None:
     """The directory's commit marker; None when it has none, or (with a warning) a malformed one."""
     marker_file = path / COMMIT_FILE
     try:
-        text = marker_file.read_text()
+        with marker_file.open("rb") as source:
+            text = source.read(MAX_MARKER_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
         log.warning("%s: unreadable (%s); treating %s as uncommitted", marker_file, exc.strerror, path.name)
         return None
     try:
+        if len(text) > MAX_MARKER_BYTES:
+            raise MarkerError(f"larger than {MAX_MARKER_BYTES >> 20} MiB")
         return CommitMarker.from_json(json.loads(text))
-    except (json.JSONDecodeError, MarkerError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError and MarkerError too
         log.warning("%s: not a valid commit marker (%s); treating %s as uncommitted", marker_file, exc, path.name)
         return None
 

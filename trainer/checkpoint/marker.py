@@ -9,6 +9,8 @@ resume, retention, ``ckpt list/show/verify``, ``status``, ``infer`` and the char
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch
 from trainer.errors import UserError
 
 FORMAT_VERSION = 1  # of commit.json and the directory layout; readers refuse a newer one
+MAX_MARKER_BYTES = 4 * 1024 * 1024  # a real marker is a few KB; a bigger file is not one
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{16}$")  # one XXH3-64
 
 
 class SaveReason(str, Enum):
@@ -40,13 +44,44 @@ class MarkerError(ValueError):
     """A ``commit.json`` that is not one this project wrote (or a newer version of it)."""
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False,
+             minimum: float | None = None) -> Any:
     value = data.get(key)
     if value is None and optional:
         return None
     if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise MarkerError(f"{key!r} is {value!r}")
+        raise MarkerError(f"{key!r} is {_short(value)}")
+    if minimum is not None and value < minimum:
+        raise MarkerError(f"{key!r} is {value!r}, below {minimum}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_files(files: dict[str, Any]) -> int:
+    """Every recorded file is a plain name in the checkpoint directory, with a size and checksums
+    that fit it; returns the sizes' sum."""
+    total = 0
+    for name, entry in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise MarkerError(f"file name {_short(name)} is not a plain name inside the checkpoint")
+        if not isinstance(entry, dict):
+            raise MarkerError(f"file {name!r} is {_short(entry)}")
+        size = _require(entry, "bytes", int, minimum=0)
+        if "xxh3_64_blocks" in entry:
+            block = _require(entry, "block_bytes", int, minimum=1)
+            digests = _require(entry, "xxh3_64_blocks", list)
+            if len(digests) != max(1, math.ceil(size / block)):
+                raise MarkerError(f"file {name!r} has {len(digests)} block checksums for {size} bytes")
+        else:
+            digests = [_require(entry, "xxh3_64", str)]
+        if not all(isinstance(digest, str) and _HEX_DIGEST.match(digest) for digest in digests):
+            raise MarkerError(f"file {name!r} has a checksum that is not an XXH3-64")
+        total += size
+    return total
 
 
 @dataclass(frozen=True)
@@ -83,7 +118,7 @@ class CommitMarker:
         """Parse a marker; ``MarkerError`` names the first field that is wrong."""
         if not isinstance(data, dict):
             raise MarkerError("not a JSON object")
-        version = _require(data, "format", int)
+        version = _require(data, "format", int, minimum=1)
         if version > FORMAT_VERSION:
             raise MarkerError(f"format {version} is newer than this fsdp-train reads ({FORMAT_VERSION}); upgrade it")
         try:
@@ -92,21 +127,21 @@ class CommitMarker:
             raise MarkerError(f"'reason' is {data.get('reason')!r}") from None
         resumed = _require(data, "resumed_from", dict, optional=True)
         files = _require(data, "files", dict)
-        for name, entry in files.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
-                raise MarkerError(f"file {name!r} has no size")
+        if _check_files(files) != _require(data, "bytes", int, minimum=0):
+            raise MarkerError("'bytes' is not the sum of the files' sizes")
         return cls(
-            step=_require(data, "step", int), world_size=_require(data, "world_size", int), reason=reason,
+            step=_require(data, "step", int, minimum=0), world_size=_require(data, "world_size", int, minimum=1),
+            reason=reason,
             run_id=_require(data, "run_id", str, optional=True),
             loss=_require(data, "loss", (int, float), optional=True),
-            resumed_from=None if resumed is None else Lineage(_require(resumed, "step", int),
-                                                              _require(resumed, "world_size", int)),
+            resumed_from=None if resumed is None else Lineage(_require(resumed, "step", int, minimum=0),
+                                                              _require(resumed, "world_size", int, minimum=1)),
             shape=_require(data, "shape", dict, optional=True) or {},
             config=_require(data, "config", dict, optional=True) or {},
             sharding=_require(data, "sharding", str, optional=True),
             torch_version=_require(data, "torch_version", str), format=version, files=files,
-            bytes=_require(data, "bytes", int), created=float(_require(data, "created", (int, float))),
-            save_seconds=float(_require(data, "save_seconds", (int, float), optional=True) or 0.0),
+            bytes=data["bytes"], created=float(_require(data, "created", (int, float), minimum=0)),
+            save_seconds=float(_require(data, "save_seconds", (int, float), optional=True, minimum=0) or 0.0),
         )
 
     def shape_mismatch(self, expected: dict[str, Any]) -> str | None:

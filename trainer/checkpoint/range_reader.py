@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
 from trainer.checkpoint import torch_compat
+from trainer.checkpoint.safe_read import SafeReader
 from trainer.checkpoint.torch_compat import NotAPlainTensor, saved_tensor_layout
 
 
@@ -36,13 +36,15 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def new_storage_reader(path: str | Path) -> FileSystemReader:
-    """The reader a resume uses: this one, or DCP's own where torch is outside the tested range."""
-    return RangeReader(path) if torch_compat.fast_paths() else FileSystemReader(path)
+def new_storage_reader(path: str | Path, recorded_metadata: dict[str, Any] | None = None) -> SafeReader:
+    """The reader a resume uses: this one, or DCP's own read loop where torch is outside the tested
+    range; either reads the checkpoint as data (``safe_read``)."""
+    reader = RangeReader if torch_compat.fast_paths() else SafeReader
+    return reader(path, recorded_metadata)
 
 
-class RangeReader(FileSystemReader):
-    """Reads tensors by row range (see the module docstring); everything else as ``FileSystemReader`` does.
+class RangeReader(SafeReader):
+    """Reads tensors by row range (see the module docstring); everything else as ``SafeReader`` does.
 
     ``whole_items`` lists the tensors this rank left to the stock path (none, for checkpoints we wrote).
     """

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from trainer.checkpoint import integrity
 from trainer.checkpoint.app_state import STATE_KEY, AppState
+from trainer.checkpoint.failures import user_error_inside
 from trainer.checkpoint.layout import (
     SUPERSEDED_DIR,
     CheckpointInfo,
@@ -31,6 +32,7 @@ from trainer.checkpoint.layout import (
 )
 from trainer.checkpoint.marker import Lineage, require_same_shape
 from trainer.checkpoint.range_reader import new_storage_reader
+from trainer.checkpoint.safe_read import METADATA_FILE, SafeLoadPlanner
 from trainer.checkpoint.settings import CheckpointSettings
 from trainer.distributed import Runtime, gather_union, on_primary
 from trainer.errors import UserError
@@ -103,15 +105,17 @@ def _verified_load(rt: Runtime, app_state: AppState, info: CheckpointInfo) -> tu
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
         local = pool.submit(_local_problems, rt, info)
         load_error: BaseException | None = None
-        try:
-            reader = new_storage_reader(info.path)
-            dcp.load({STATE_KEY: app_state}, storage_reader=reader, process_group=rt.checkpoint_group)
+        try:  # .metadata is verified against the marker before it is unpickled
+            reader = new_storage_reader(info.path, info.marker.files.get(METADATA_FILE))
+            dcp.load({STATE_KEY: app_state}, storage_reader=reader, planner=SafeLoadPlanner(info.path),
+                     process_group=rt.checkpoint_group)
             whole_items = getattr(reader, "whole_items", [])
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - judged below
             load_error = exc
         problems = gather_union(rt, local.result())
     if load_error is not None and not problems:
-        raise load_error
+        refused = user_error_inside(load_error)  # a checkpoint that is not safe to open: one line, never run
+        raise refused or load_error
     return problems, whole_items
 
 

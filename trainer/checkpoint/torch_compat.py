@@ -11,8 +11,10 @@ DCP's stock writer, planner and reader, which need none of this module's private
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
+import pathlib
 import pickle
 import queue
 import warnings
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.tensor import DTensor
@@ -242,3 +245,66 @@ def saved_tensor_layout(stream: Any, item_offset: int, item_length: int) -> Save
     element_bytes = record.file_size // max(int(storage[4]), 1)
     data_start = item_offset + _record_start(item, record)
     return SavedTensorLayout(data_start + storage_offset * element_bytes, data_start + record.file_size, size, stride)
+
+
+# ---- DCP's metadata pickle ---------------------------------------------------------------------
+# DCP writes ``.metadata`` with ``pickle.dump`` and its own reader runs ``pickle.load`` on it, which
+# would run whatever a crafted file asks for. ``load_dcp_metadata`` admits only the types DCP's
+# metadata is made of (and plain containers and scalars, which need no lookup), each named here
+# with why it is needed.
+METADATA_TYPES: dict[tuple[str, str], Any] = {
+    ("torch.distributed.checkpoint.metadata", "Metadata"): dcp_metadata.Metadata,  # the root object
+    # one per state-dict entry: a tensor's global size, properties and chunks, or a bytes item
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"): dcp_metadata.TensorStorageMetadata,
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"): dcp_metadata.BytesStorageMetadata,
+    # each saved shard of a tensor: its offsets and sizes
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"): dcp_metadata.ChunkStorageMetadata,
+    # a tensor's dtype, layout, requires_grad, memory format and pin_memory
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"): dcp_metadata.TensorProperties,
+    # TensorProperties pickles its memory format as a member of this enum
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): dcp_metadata._MEM_FORMAT_ENCODING,
+    # the keys of storage_data: (fqn, offset, index)
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"): dcp_metadata.MetadataIndex,
+    # the checkpoint id and the save and load ids
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"): dcp_metadata.StorageMeta,
+    # the values of storage_data: which file an item is in, at what offset, how long
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,  # tensor and chunk sizes
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # how torch.strided pickles
+    # StorageMeta.checkpoint_id, when the checkpoint was saved to a path object
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # mappings in metadata older DCP wrote
+}
+
+
+class RefusedType(Exception):
+    """A pickle asked for a type outside the allow-list; the message is the type's dotted name."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = METADATA_TYPES.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # TensorProperties.dtype
+            return getattr(torch, name)
+        raise RefusedType(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise RefusedType("a persistent id")
+
+
+def load_dcp_metadata(data: bytes) -> dcp_metadata.Metadata:
+    """DCP's ``Metadata`` from the bytes of a ``.metadata`` file, building nothing outside
+    ``METADATA_TYPES``. Raises ``RefusedType``, or ``ValueError`` for anything else that is wrong."""
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except RefusedType:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged pickles fail in many ways
+        raise ValueError(f"not a DCP metadata pickle ({type(exc).__name__})") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise ValueError(f"holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
