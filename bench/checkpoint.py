@@ -107,6 +107,7 @@ def phase_save(args: argparse.Namespace) -> None:
     trainer = Trainer(_bench_config(args.state_gb, work / "fsdp_train"))
     trainer.setup()
     trainer.train_step()
+    trainer.checkpoints.settle()  # the writer processes start on the save thread: time saves, not start-up
     rank, group = trainer.rt.rank, trainer.rt.checkpoint_group
     state = {STATE_KEY: trainer.app_state}
     local_bytes = _local_state_bytes(trainer.app_state.state_dict())

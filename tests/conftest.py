@@ -75,10 +75,28 @@ def ckpt_dir(tmp_path: Path) -> Path:
     return tmp_path / "checkpoints"
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    """Start ``fsdp-train ARGS`` in the background (its own session, so signals reach only it)."""
-    return subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True)
+def start_cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+    """Start ``fsdp-train ARGS`` in the background (its own session, so signals reach only it).
+
+    Its output goes to pipes, read once it ends; a long run that prints much (tracebacks of killed
+    workers) must pass ``log``, a file, or it blocks once a pipe fills.
+    """
+    out = subprocess.PIPE if log is None else log.open("w")
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=out, stderr=subprocess.STDOUT
+                            if log is not None else subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                            start_new_session=True)
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL a job started by ``start_cli`` and everything in its session (torchrun too; its
+    workers exit when they see torchrun gone), so a failed test leaves nothing running."""
+    import signal
+
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):

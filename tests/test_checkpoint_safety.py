@@ -15,6 +15,7 @@ from conftest import (
     TINY_LM,
     ckpt_list,
     error_lines,
+    kill_job,
     last_step,
     run_cli,
     start_cli,
@@ -50,15 +51,15 @@ def partial_save_in_progress(ckpt: Path) -> int | None:
 
 
 def test_sigkill_during_save_never_resumes_the_partial_checkpoint(ckpt_dir):
-    job = start_cli("local", "--nproc", "2", *BIG_LM, "--checkpoint-every", "2", "--max-steps", "50",
-                    "--checkpoint-dir", str(ckpt_dir))
+    job = start_cli("local", "--nproc", "2", "--max-restarts", "0", *BIG_LM, "--checkpoint-every", "2",
+                    "--max-steps", "50", "--checkpoint-dir", str(ckpt_dir))
     try:
         wait_for(lambda: committed_checkpoints(ckpt_dir), 240, "a first committed checkpoint")
         partial = wait_for(lambda: partial_save_in_progress(ckpt_dir), 120, "a save in progress", interval=0.002)
         os.kill(worker_pids(str(ckpt_dir))[0], signal.SIGKILL)
         assert job.wait(timeout=120) != 0
     finally:
-        job.kill()
+        kill_job(job)
     assert not (step_dir(ckpt_dir, partial) / COMMIT_FILE).exists(), \
         "the kill landed after the commit; the test did not test"
     listed = {row["step"]: row["committed"] for row in ckpt_list(ckpt_dir)}
@@ -101,8 +102,9 @@ def test_disk_full_during_save_keeps_committed_checkpoints(tmp_path):
     ckpt = tmp_path / "small-disk"
     _mount_tmpfs(ckpt, "1200k")
     try:
-        proc = run_cli("local", "--nproc", "2", *TINY_LM, "--global-batch-size", "8", "--checkpoint-every", "2",
-                       "--keep-last", "100", "--max-steps", "40", "--checkpoint-dir", str(ckpt))
+        proc = run_cli("local", "--nproc", "2", "--max-restarts", "0", *TINY_LM, "--global-batch-size", "8",
+                       "--checkpoint-every", "2", "--keep-last", "100", "--max-steps", "40",
+                       "--checkpoint-dir", str(ckpt))
         failures = [line for line in proc.stderr.splitlines() if "failed (No space left on device)" in line]
         assert failures, proc.stderr[-3000:]
         assert "previous committed checkpoint is intact" in failures[0]
@@ -125,7 +127,7 @@ def test_sigterm_writes_emergency_checkpoint_and_exits_zero(ckpt_dir):
         code = job.wait(timeout=40)
         elapsed = time.monotonic() - signalled
     finally:
-        job.kill()
+        kill_job(job)
     stderr = job.stderr.read()
     assert code == 0, stderr[-3000:]
     assert elapsed < 20
@@ -147,7 +149,7 @@ def test_second_job_on_same_directory_is_refused_until_the_first_is_gone(ckpt_di
         first.wait(timeout=30)
         wait_for(lambda: not worker_pids(str(ckpt_dir)), 30, "orphaned workers to notice torchrun is gone")
     finally:
-        first.kill()
+        kill_job(first)
     taken_over = run_cli("local", "--nproc", "1", "--max-steps", "3", "--checkpoint-dir", str(ckpt_dir))
     assert taken_over.returncode == 0, taken_over.stderr[-2000:]
 

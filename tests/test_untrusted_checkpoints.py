@@ -103,7 +103,8 @@ def test_operator_tools_refuse_a_metadata_payload(poisoned, tmp_path: Path, comm
 @pytest.mark.torchrun
 def test_resume_refuses_a_metadata_payload_even_with_a_matching_marker(poisoned) -> None:
     ckpt, ran = poisoned
-    proc = run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "6", "--checkpoint-dir", str(ckpt))
+    proc = run_cli("local", "--nproc", "2", "--max-restarts", "0", *FLAGS, "--max-steps", "6",
+                   "--checkpoint-dir", str(ckpt))
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("fsdp-train: error:")]
     assert len(ours) == 1, proc.stderr[-3000:]  # the workers' one line (torchrun then reports their exit)

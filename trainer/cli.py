@@ -53,6 +53,9 @@ def add_local(commands: argparse._SubParsersAction) -> None:
     parser = _add(commands, "local", local, "run torchrun standalone on this machine",
                   "Run N workers on this machine (torchrun --standalone).")
     parser.add_argument("--nproc", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="times torchrun restarts the workers in place after one fails; each restart resumes "
+                        "from the newest checkpoint (default: 3)")
     add_config_arguments(parser)
 
 
@@ -62,7 +65,9 @@ def local(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1 (got {args.nproc})")
-    return run_local(resolve_config(args), args.nproc)
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0 (got {args.max_restarts})")
+    return run_local(resolve_config(args), args.nproc, args.max_restarts)
 
 
 # ---- launch ---------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto: CUDA+NCCL if a GPU is present, else CPU+gloo", choices=("auto", "cpu", "cuda"))
     log_every: int = _opt(1, "log a metrics line every N steps")
     lock_ttl: float = _opt(60.0, "seconds after which a silent job's lock on --checkpoint-dir counts as stale")
+    collective_timeout: float = _opt(120.0, "seconds a collective waits for a hung or cut-off peer before the "
+                                     "workers fail and torchrun restarts them; must exceed the slowest rank's "
+                                     "checkpoint write")
     shutdown_grace: float = _opt(25.0, "seconds allowed for the emergency checkpoint after SIGTERM")
     progress: bool = _opt(False, "show a live progress bar on rank 0 instead of log lines")
 
@@ -84,6 +87,8 @@ class TrainConfig:
             raise UserError(f"--max-steps must be >= 0 (got {self.max_steps})")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0 (got {self.lr})")
+        if self.collective_timeout <= 0:
+            raise UserError(f"--collective-timeout must be > 0 seconds (got {self.collective_timeout})")
         if self.d_model % self.n_heads:
             raise UserError(f"--n-heads ({self.n_heads}) must divide --d-model ({self.d_model})")
         if self.resume_from is not None and self.no_resume:

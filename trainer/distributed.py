@@ -24,6 +24,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     checkpoint_group: dist.ProcessGroup
+    collective_timeout: float  # seconds any collective waits for a peer
 
     @property
     def is_primary(self) -> bool:
@@ -44,25 +45,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_runtime(requested_device: str) -> Runtime:
-    """Join the job's process group (started by torchrun, or a world of one without it)."""
+def init_runtime(requested_device: str, collective_timeout: float) -> Runtime:
+    """Join the job's process group (started by torchrun, or a world of one without it).
+
+    Every collective of both groups gives up after ``collective_timeout`` seconds, so a hung or
+    cut-off peer fails the job (and torchrun restarts it) instead of stalling it for torch's
+    default 10 or 30 minutes. On GPUs, NCCL's watchdog heartbeat gets the same bound.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
+    timeout = timedelta(seconds=collective_timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # a timed-out collective ends the process
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(collective_timeout) + 60))
     else:
         backend = "gloo"
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
+        dist.init_process_group(backend=backend, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-    checkpoint_group = dist.new_group(backend="gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, checkpoint_group)
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, checkpoint_group, collective_timeout)
 
 
 def store_address() -> tuple[str, int]:

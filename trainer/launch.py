@@ -1,8 +1,9 @@
 """Start torchrun: ``local`` (standalone, this machine) and ``launch`` (container entrypoint).
 
 ``local`` validates the config first so mistakes are one line, not a torchrun
-traceback per worker; it turns Ctrl-C or SIGTERM into a clean stop (the workers
-write an emergency checkpoint) and exits 0 when that checkpoint committed.
+traceback per worker; it restarts a failed worker group in place (``--max-restarts``),
+turns Ctrl-C or SIGTERM into a clean stop (the workers write an emergency
+checkpoint, or exit at once while still starting) and then exits 0.
 ``launch`` replaces itself with torchrun, which reads its rendezvous settings
 from ``PET_*`` environment variables (set by the Helm chart or the operator).
 """
@@ -22,8 +23,20 @@ from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.marker import SaveReason, require_same_shape
 from trainer.config import TrainConfig, config_to_args
+from trainer.metrics import read_metrics
 from trainer.models import build_model
 from trainer.seeding import check_matches, read_model_state
+
+# What in-place restarts need from torchrun, set by ``local`` and ``launch`` unless the user set it.
+# With the rendezvous store shared as the workers' store, a restarted group fails about half the
+# time in init_process_group ("Gloo connectFullMesh failed ... Connection refused"), and a pod that
+# joins a running job waits forever for the new round's MASTER_ADDR.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def restart_safe(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with ``RESTART_ENV`` filled in where it has no value of its own."""
+    return {**RESTART_ENV, **environ}
 
 
 def torchrun_prefix(*extra: str) -> list[str]:
@@ -45,11 +58,13 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         check_matches(model, read_model_state(cfg.init_from), cfg.init_from)
 
 
-def run_local(cfg: TrainConfig, nproc: int) -> int:
+def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
+    """torchrun ``--standalone`` with ``nproc`` workers, restarting the group in place (from the
+    newest checkpoint) up to ``max_restarts`` times when a worker fails."""
     preflight(cfg, nproc)
-    command = torchrun_prefix("--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+    command = torchrun_prefix("--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                               "-m", "trainer", "train", *config_to_args(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = restart_safe({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     started = time.time()
     # Same process group as us: Ctrl-C reaches torchrun and the workers directly, and killing
     # the group kills everything. SIGTERM sent to this process alone is forwarded.
@@ -71,10 +86,16 @@ def run_local(cfg: TrainConfig, nproc: int) -> int:
         if newest and newest.reason == SaveReason.PREEMPTED and newest.created >= started:
             print(f"fsdp-train: stopped; emergency checkpoint step {newest.step} committed", file=sys.stderr)
             return 0
+        if not any(record.get("event") == "step" and record.get("time", 0) >= started
+                   for record in read_metrics(cfg.checkpoint_dir)):
+            newest_step = f"step {newest.step}" if newest else "none yet"
+            print(f"fsdp-train: stopped during start-up, before any step: nothing new to save "
+                  f"(newest checkpoint: {newest_step})", file=sys.stderr)
+            return 0
     return code
 
 
 def exec_launch(train_args: list[str]) -> None:
     """Become torchrun (PID 1 in the container receives SIGTERM directly)."""
     command = torchrun_prefix("-m", "trainer", "train", *train_args)
-    os.execv(command[0], command)
+    os.execve(command[0], command, restart_safe(dict(os.environ)))

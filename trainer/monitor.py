@@ -39,6 +39,25 @@ def summarize(directory: str | Path) -> RunSummary:
     return summary
 
 
+PHASE_NAMES = {"process_start": "process", "init_process_group": "init", "lock": "lock", "build_model": "model",
+               "shard": "shard", "restore": "restore", "writer_start": "writers", "first_step": "first step"}
+
+
+def describe_phases(phases: dict[str, Any]) -> str:
+    """A start record's phases on one line: ``process 1.6s, init 0.0s, ..., restore 0.1s (choose 0.06s, ...)``."""
+    parts = []
+    for key, label in PHASE_NAMES.items():
+        seconds = phases.get(key)
+        if seconds is None:
+            continue
+        text = f"{label} {seconds:.2f}s"
+        if key == "restore" and phases.get("restore_parts"):
+            text += " (" + ", ".join(f"{name} {value:.2f}s" for name, value in phases["restore_parts"].items()) + ")"
+        parts.append(text)
+    known = [phases[key] for key in PHASE_NAMES if isinstance(phases.get(key), (int, float))]
+    return ", ".join(parts) + f"; {sum(known):.2f}s in all"
+
+
 def _require_metrics(directory: str) -> None:
     if not (Path(directory) / METRICS_FILE).exists():
         raise UserError(f"{directory}: no {METRICS_FILE}; pass the --checkpoint-dir of a run")
@@ -58,6 +77,8 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
                      f"{newest.world_size}), {time.time() - newest.created:.0f}s ago")
     else:
         lines.append("  last checkpoint: none committed yet")
+    if run.starts and run.starts[-1].get("phases"):
+        lines.append(f"  last start took: {describe_phases(run.starts[-1]['phases'])}")
     lines.append(f"  resumes so far: {len(run.resumes)}" + "".join(
         f"\n    at step {r['resumed_from']['step']}: world {r['resumed_from']['world_size']} -> {r['world_size']}"
         for r in run.resumes))

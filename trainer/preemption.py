@@ -4,6 +4,10 @@ Kubernetes stops a pod with SIGTERM (torchrun forwards it to the workers); the
 handler only records it. The training loop folds the flag into its per-step
 all-reduce, so every rank stops after the same step and joins the emergency
 save. A watchdog bounds the whole shutdown by ``--shutdown-grace`` seconds.
+
+Before the loop starts there is nothing new to save, so a stop request then ends
+the worker at once (``exit_at_once``): the signals keep their default action,
+which works even while the worker is blocked in C++ (joining a process group).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @staticmethod
+    def exit_at_once() -> None:
+        """Start-up: SIGTERM and SIGINT end the process right away (their default action)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
     def install(self) -> None:
+        """Training: SIGTERM and SIGINT only record the request; the loop acts on it."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 

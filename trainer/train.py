@@ -26,6 +26,7 @@ from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter
 from trainer.models import build_model, per_sample_loss
+from trainer.phases import PhaseClock
 from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
 from trainer.progress import StepReporter
 from trainer.seeding import load_initial_weights
@@ -60,21 +61,27 @@ class Trainer:
         self.cfg = cfg
         self.stop = StopRequest()
         self.progress = Progress()
+        self.clock = PhaseClock()
 
     # ---- setup --------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        self.stop.install()
+        """Join the job, build and shard the model, resume. Until the loop starts, a stop request
+        ends the worker at once: the state is still the checkpoint's."""
+        cfg, clock = self.cfg, self.clock
+        self.stop.exit_at_once()
         if "TORCHELASTIC_RUN_ID" in os.environ:
             exit_when_orphaned()
-        self.rt: Runtime = init_runtime(cfg.device)
+        self.rt: Runtime = init_runtime(cfg.device, cfg.collective_timeout)
         cfg.check_world_size(self.rt.world_size)
+        clock.lap("init_process_group")
         on_primary(self.rt, ensure_writable, cfg.checkpoint_dir)
         self.run_id = run_id_from_env()
         self.lock = JobLock(Path(cfg.checkpoint_dir), self.run_id, cfg.lock_ttl)
         on_primary(self.rt, self.lock.acquire)
+        clock.lap("lock")
 
         self.model = build_model(cfg).to(self.rt.device)
+        clock.lap("build_model")
         for unit in self.model.shard_units():
             fully_shard(unit)
         fully_shard(self.model)
@@ -82,16 +89,23 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(cfg, s))
         init_optimizer_state(self.optimizer)
         self.app_state = AppState(self.model, self.optimizer, self.scheduler, self.progress, cfg.seed)
+        clock.lap("shard")
         self.checkpoints = CheckpointManager(CheckpointSettings.from_config(cfg), self.rt, self.app_state,
                                              RunIdentity.from_config(cfg, self.run_id))
         if self.checkpoints.start() is None and cfg.init_from:
             load_initial_weights(self.model, cfg.init_from)
+        clock.record(self.checkpoints.start_phases)
+        self.first_step = self.progress.step  # where this run segment starts
         self.data = SyntheticData(cfg)
         self.metrics = MetricsWriter(cfg.checkpoint_dir, enabled=self.rt.is_primary)
-        resumed_from = self.checkpoints.resumed_from
-        self.metrics.event("start", step=self.progress.step, world_size=self.rt.world_size, run_id=self.run_id,
-                           resumed_from=resumed_from and dataclasses.asdict(resumed_from), max_steps=cfg.max_steps)
         self.reporter = StepReporter(cfg, self.rt.is_primary, self.progress.step)
+
+    def _record_start(self) -> None:
+        """The ``start`` record: where this run segment began, and how long each start-up phase took."""
+        resumed_from = self.checkpoints.resumed_from
+        self.metrics.event("start", step=self.first_step, world_size=self.rt.world_size, run_id=self.run_id,
+                           resumed_from=resumed_from and dataclasses.asdict(resumed_from),
+                           max_steps=self.cfg.max_steps, phases=self.clock.phases)
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[float, bool]:
@@ -119,9 +133,15 @@ class Trainer:
         """Train to ``max_steps``, checkpointing as the manager's policy says; a stop request
         any rank received ends the run with an emergency checkpoint of the last step."""
         max_steps, loss = self.cfg.max_steps, None
+        self.stop.install()
+        if self.progress.step >= max_steps:
+            self._record_start()
         while self.progress.step < max_steps:
             loss, stop_agreed = self.train_step()
             step = self.progress.step
+            if "first_step" not in self.clock.phases:
+                self.clock.lap("first_step")
+                self._record_start()
             self.reporter.step(step, loss, self.rt.world_size, self.scheduler.get_last_lr()[0], self.metrics)
             if stop_agreed:
                 return self._stop_with_checkpoint(step, loss)

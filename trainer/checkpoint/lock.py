@@ -66,12 +66,19 @@ class JobLock:
             with os.fdopen(fd, "w") as out:
                 json.dump(self._lease(), out)
         except FileExistsError:
+            ours = (self._read() or {}).get("run_id") == self.run_id  # a restart of this job: no race to settle
             self.refuse_if_held()
             write_json_atomic(self.path, self._lease())
+            if ours:
+                self._start_heartbeat()
+                return
         time.sleep(0.2)  # a job that raced us to the file wins or loses here, not later
         holder = self._read()
         if not holder or holder.get("run_id") != self.run_id:
             self._refuse(holder or {})
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, name="job-lock-heartbeat", daemon=True)
         self._thread.start()
 

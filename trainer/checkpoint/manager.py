@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._last_saved_step: int | None = None
+        self.start_phases: dict[str, float | dict[str, float]] = {}
+        self._writers_ready: Future | None = None  # the writer processes' start, on the save thread
 
     @property
     def root(self) -> Path:
@@ -72,24 +75,38 @@ class CheckpointManager:
     # ---- life cycle ---------------------------------------------------------------------
     def start(self) -> Resumed | None:
         """Resume from the newest intact checkpoint (or the one asked for), then get the writers ready:
-        the first async save costs what later ones do. None means a fresh start."""
+        the first async save costs what later ones do. None means a fresh start. ``start_phases``
+        then holds how long each part took."""
+        started = time.perf_counter()
         self.resumed = resume(self.settings, self.rt, self.app_state, self.identity.shape)
         if self.resumed is not None:
             self._last_saved_step = self.resumed.info.step
+        resumed_at = time.perf_counter()
+        self._start_writers()
+        self.start_phases = {"restore": resumed_at - started, "writer_start": time.perf_counter() - resumed_at,
+                             **({"restore_parts": self.resumed.phases} if self.resumed else {})}
+        return self.resumed
+
+    def _start_writers(self) -> None:
+        """Staging now (it copies the live state); the writer processes on the save thread, so the
+        first step does not wait for them: every save waits for ``_writers_ready`` first."""
         if self.settings.mode == SaveMode.ASYNC:
             self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
-            self._thread.submit(lambda: None).result()  # the thread is started (and lowered) now
             if self.settings.writer == WriterKind.PROCESS:
-                self._writer_process = start_on_every_rank(self.rt, self._stager)
+                self._writers_ready = self._thread.submit(self._start_writer_processes)
+            else:
+                self._thread.submit(lambda: None)  # the thread starts (and lowers its priority) now
         if self.rt.is_primary:
             self._retain()
-        return self.resumed
+
+    def _start_writer_processes(self) -> None:
+        self._writer_process = start_on_every_rank(self.rt, self._stager)
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
-            self._thread.shutdown()
+            self._thread.shutdown()  # after what is queued on it: the writers' start, retention
             if self._writer_process is not None:
                 self._writer_process.close()
             self._stager.close()
@@ -112,6 +129,8 @@ class CheckpointManager:
     # ---- the save mechanism -------------------------------------------------------------
     def save(self, step: int, loss: float | None, reason: SaveReason, *, blocking: bool) -> None:
         """Save the state after ``step`` now (``maybe_save`` decides when; benchmarks call this directly)."""
+        if self._writers_ready is not None:  # its collectives and a save's share the checkpoint group
+            self._writers_ready.result()
         self.wait()
         if step == self._last_saved_step:
             return  # this exact state is already committed (e.g. a final save right after a periodic one)

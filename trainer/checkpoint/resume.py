@@ -47,6 +47,8 @@ class Resumed:
     info: CheckpointInfo
     seconds: float
     whole_items: list[str] = field(default_factory=list)  # tensors the load read whole, not by row range
+    # seconds: choosing the checkpoint, then verifying and loading it (side by side: they overlap)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def lineage(self) -> Lineage:
@@ -57,10 +59,11 @@ def resume(settings: CheckpointSettings, rt: Runtime, app_state: AppState, shape
     """Load the checkpoint to resume from into ``app_state`` (all ranks), or return None for a fresh start."""
     started = time.perf_counter()
     candidates = on_primary(rt, _candidates, settings)
+    phases = {"choose": time.perf_counter() - started, "verify": 0.0, "load": 0.0}
     damaged: list[str] = []
     for info in candidates:
         require_same_shape(info.path, info.marker, shape)
-        problems, whole_items = _verified_load(rt, app_state, info)
+        problems, whole_items = _verified_load(rt, app_state, info, phases)
         if problems:
             if settings.resume_from is not None:
                 raise UserError(f"--resume-from {settings.resume_from}: {problems[0]}; pick another checkpoint")
@@ -68,7 +71,7 @@ def resume(settings: CheckpointSettings, rt: Runtime, app_state: AppState, shape
                 log.warning("skipping damaged checkpoint step %d: %s", info.step, "; ".join(problems))
             damaged.append(f"step {info.step}")
             continue
-        resumed = Resumed(info, time.perf_counter() - started, whole_items)
+        resumed = Resumed(info, time.perf_counter() - started, whole_items, phases)
         if rt.is_primary:
             if settings.resume_from is not None:
                 set_aside_newer(settings.directory, info.step)
@@ -94,17 +97,27 @@ def _local_problems(rt: Runtime, info: CheckpointInfo) -> list[str]:
     return integrity.problems(info.path, info.marker.files, rt.rank, rt.world_size)
 
 
-def _verified_load(rt: Runtime, app_state: AppState, info: CheckpointInfo) -> tuple[list[str], list[str]]:
+def _timed_problems(rt: Runtime, info: CheckpointInfo, phases: dict[str, float]) -> list[str]:
+    started = time.perf_counter()
+    try:
+        return _local_problems(rt, info)
+    finally:
+        phases["verify"] += time.perf_counter() - started
+
+
+def _verified_load(rt: Runtime, app_state: AppState, info: CheckpointInfo,
+                   phases: dict[str, float]) -> tuple[list[str], list[str]]:
     """Load while checksumming in a background thread (one pass over the disk); return the problems
-    found and the tensors read whole.
+    found and the tensors read whole; add the seconds each took to ``phases``.
 
     A damaged checkpoint can also make ``dcp.load`` itself fail; that counts as damage
     only when verification found a problem, otherwise the error is real and raised.
     """
     whole_items: list[str] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
-        local = pool.submit(_local_problems, rt, info)
+        local = pool.submit(_timed_problems, rt, info, phases)
         load_error: BaseException | None = None
+        load_started = time.perf_counter()
         try:  # .metadata is verified against the marker before it is unpickled
             reader = new_storage_reader(info.path, info.marker.files.get(METADATA_FILE))
             dcp.load({STATE_KEY: app_state}, storage_reader=reader, planner=SafeLoadPlanner(info.path),
@@ -112,6 +125,7 @@ def _verified_load(rt: Runtime, app_state: AppState, info: CheckpointInfo) -> tu
             whole_items = getattr(reader, "whole_items", [])
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - judged below
             load_error = exc
+        phases["load"] += time.perf_counter() - load_started
         problems = gather_union(rt, local.result())
     if load_error is not None and not problems:
         refused = user_error_inside(load_error)  # a checkpoint that is not safe to open: one line, never run

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ log = logging.getLogger("fsdp_train")
 
 START_TIMEOUT_S = 120.0  # importing torch and meeting every other rank's writer
 STOP_TIMEOUT_S = 30.0
-GROUP_TIMEOUT = timedelta(minutes=30)  # a collective may wait while the slowest rank writes its shards
 
 
 class WriterUnavailable(Exception):
@@ -130,7 +128,8 @@ def start_on_every_rank(rt: Runtime, stager: ReusableHostStager) -> WriterClient
     client: WriterClient | None = None
     problems: list[str] = []
     try:
-        client = WriterClient(Hello(rt.rank, rt.world_size, host, port, prefix, GROUP_TIMEOUT.total_seconds()))
+        # The writers' collectives wait while the slowest rank writes its shards: --collective-timeout
+        client = WriterClient(Hello(rt.rank, rt.world_size, host, port, prefix, rt.collective_timeout))
         client.map(stager)
     except (WriterUnavailable, WriterProcessDied) as exc:
         problems.append(f"rank {rt.rank}: {exc}")

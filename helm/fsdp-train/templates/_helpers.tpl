@@ -105,10 +105,6 @@ containers:
         value: {{ printf "%s-%s" $root.Release.Namespace (include "fsdp-train.fullname" $root) | quote }}
       - name: PET_NPROC_PER_NODE
         value: {{ $v.nprocPerNode | quote }}
-      # With the rendezvous store shared as the workers' store, a pod that joins a running job
-      # waits forever for MASTER_ADDR of the new round (rank 0 does not republish it): scale-up hangs.
-      - name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
-        value: "1"
       {{- with .extraEnv }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
