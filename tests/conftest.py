@@ -99,6 +99,17 @@ def kill_job(job: subprocess.Popen) -> None:
     job.wait()
 
 
+def sigterm_and_wait(job: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    """Send SIGTERM to a job started by ``start_cli``; its exit code and the seconds until it exited."""
+    import signal
+    import time
+
+    signalled = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    code = job.wait(timeout=timeout)
+    return code, time.monotonic() - signalled
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
     import time
 

@@ -18,6 +18,7 @@ from conftest import (
     kill_job,
     last_step,
     run_cli,
+    sigterm_and_wait,
     start_cli,
     start_records,
     wait_for,
@@ -122,10 +123,7 @@ def test_sigterm_writes_emergency_checkpoint_and_exits_zero(ckpt_dir):
                     "--max-steps", "100000", "--shutdown-grace", "20", "--checkpoint-dir", str(ckpt_dir))
     try:
         wait_for(lambda: last_step(ckpt_dir) >= 20, 120, "training to reach step 20")
-        signalled = time.monotonic()
-        job.send_signal(signal.SIGTERM)
-        code = job.wait(timeout=40)
-        elapsed = time.monotonic() - signalled
+        code, elapsed = sigterm_and_wait(job, timeout=40)
     finally:
         kill_job(job)
     stderr = job.stderr.read()

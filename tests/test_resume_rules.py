@@ -30,6 +30,8 @@ def test_uncommitted_checkpoint_is_never_resumed_from(ckpt_dir):
 def test_commit_marker_records_lineage_and_files(ckpt_dir):
     run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "5", "--checkpoint-dir", str(ckpt_dir), check=True)
     run_cli("local", "--nproc", "3", *FLAGS, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
+    recovered = start_records(ckpt_dir)[-1]["recovered_from"]  # the run before it ended normally
+    assert (recovered["cause"], recovered["last_step"], recovered["steps_lost"]) == ("continued", 5, 0)
     marker = json.loads((step_dir(ckpt_dir, 10) / COMMIT_FILE).read_text())  # the file as it is on disk
     assert marker["step"] == 10 and marker["world_size"] == 3
     assert marker["resumed_from"] == {"step": 5, "world_size": 2}

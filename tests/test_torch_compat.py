@@ -8,6 +8,7 @@ private torch name.
 from __future__ import annotations
 
 import ast
+import enum
 import importlib
 import io
 import pickle
@@ -219,6 +220,38 @@ def test_dcp_metadata_is_made_of_the_allow_listed_types_only(tmp_path: Path) -> 
     assert outside == set(), "judge these types and add the safe ones to torch_compat.METADATA_TYPES"
     with pytest.raises(torch_compat.RefusedType, match="builtins.eval"):
         torch_compat.load_dcp_metadata(pickle.dumps(eval))
+
+
+def test_an_enum_pickled_by_name_loads_and_no_other_getattr_does(tmp_path: Path) -> None:
+    """Some Pythons (3.11.2 in the image) pickle enum members as ``getattr(Enum, "NAME")``."""
+    dcp.save({"rows": torch.randn(3, 2)}, checkpoint_id=tmp_path, no_dist=True)
+    metadata = FileSystemReader(tmp_path).read_metadata()
+
+    class ByName(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, enum.Enum):
+                return getattr, (type(obj), obj.name)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    ByName(buffer).dump(metadata)
+    assert b"getattr" in buffer.getvalue(), "the pickle must take the by-name path"
+    loaded = torch_compat.load_dcp_metadata(buffer.getvalue())
+    assert loaded.state_dict_metadata["rows"].properties == metadata.state_dict_metadata["rows"].properties
+    allowed_enum = next(cls for cls in torch_compat.METADATA_TYPES.values() if isinstance(cls, enum.EnumMeta))
+    for evil in ((allowed_enum, "__init__"), (torch.Size, "__class__")):  # not a member; not an enum
+        buffer = io.BytesIO()
+        pickle.Pickler(buffer).dump(_GetattrCall(*evil))
+        with pytest.raises(torch_compat.RefusedType, match="builtins.getattr"):
+            torch_compat.load_dcp_metadata(buffer.getvalue())
+
+
+class _GetattrCall:
+    def __init__(self, target: object, name: str) -> None:
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
 
 
 # ---- the rule ----------------------------------------------------------------------------------

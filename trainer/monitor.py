@@ -78,7 +78,10 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
     else:
         lines.append("  last checkpoint: none committed yet")
     if run.starts and run.starts[-1].get("phases"):
-        lines.append(f"  last start took: {describe_phases(run.starts[-1]['phases'])}")
+        recovered = run.starts[-1].get("recovered_from") or {}
+        after = f" after {recovered['cause']}" if recovered.get("cause") not in (None, "fresh") else ""
+        lost = f", {recovered['steps_lost']} step(s) lost" if "steps_lost" in recovered else ""
+        lines.append(f"  last start{after}{lost} took: {describe_phases(run.starts[-1]['phases'])}")
     lines.append(f"  resumes so far: {len(run.resumes)}" + "".join(
         f"\n    at step {r['resumed_from']['step']}: world {r['resumed_from']['world_size']} -> {r['world_size']}"
         for r in run.resumes))

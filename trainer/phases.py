@@ -1,4 +1,5 @@
-"""How long each start-up phase of a worker took, for the ``start`` record of ``metrics.jsonl``.
+"""What the ``start`` record of ``metrics.jsonl`` says about a worker start: how long each
+start-up phase took, and what the start recovered from.
 
 Recovery time is the sum of these phases (plus the detection and the restart torchrun does),
 so each worker start records them: what to cut is then read off the records, not guessed.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 
 def seconds_since_process_start() -> float | None:
@@ -48,3 +50,26 @@ def _rounded(value: float | dict) -> float | dict:
     if isinstance(value, dict):
         return {key: _rounded(item) for key, item in value.items()}
     return round(value, 3)
+
+
+def what_it_recovered_from(resumed_step: int | None, resumed_reason: str | None, resumed_world: int | None,
+                           world_size: int, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    """The start record's ``recovered_from``: ``fresh``, ``failure``, ``preempted``, ``scale`` (an
+    emergency checkpoint resumed at another world size) or ``continued`` (the run before ended
+    normally); with the last step the job logged before this start, when, and the steps lost."""
+    if resumed_step is None:
+        return {"cause": "fresh"}
+    steps = [record for record in earlier if record.get("event") == "step"]
+    last_event = next((record["event"] for record in reversed(earlier) if record.get("event") != "step"), None)
+    if resumed_reason == "preempted" or last_event == "preempted":
+        cause = "scale" if resumed_world != world_size else "preempted"
+    elif last_event == "end":
+        cause = "continued"
+    else:
+        cause = "failure"
+    found: dict[str, Any] = {"cause": cause}
+    if steps:
+        last = steps[-1]
+        found.update(last_step=last["step"], last_step_time=last.get("time"),
+                     steps_lost=max(0, last["step"] - resumed_step))
+    return found

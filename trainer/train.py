@@ -24,9 +24,9 @@ from trainer.config import TrainConfig
 from trainer.data import SyntheticData, rank_slice
 from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
 from trainer.errors import UserError
-from trainer.metrics import MetricsWriter
+from trainer.metrics import MetricsWriter, read_metrics
 from trainer.models import build_model, per_sample_loss
-from trainer.phases import PhaseClock
+from trainer.phases import PhaseClock, what_it_recovered_from
 from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
 from trainer.progress import StepReporter
 from trainer.seeding import load_initial_weights
@@ -101,11 +101,19 @@ class Trainer:
         self.reporter = StepReporter(cfg, self.rt.is_primary, self.progress.step)
 
     def _record_start(self) -> None:
-        """The ``start`` record: where this run segment began, and how long each start-up phase took."""
+        """The ``start`` record: where this run segment began, what it recovered from, and how long
+        each start-up phase took."""
+        if not self.rt.is_primary:
+            return
+        resumed = self.checkpoints.resumed
+        marker = resumed.info.marker if resumed else None
+        recovered = what_it_recovered_from(resumed and resumed.info.step, marker and marker.reason.value,
+                                           marker and marker.world_size, self.rt.world_size,
+                                           read_metrics(self.cfg.checkpoint_dir))
         resumed_from = self.checkpoints.resumed_from
         self.metrics.event("start", step=self.first_step, world_size=self.rt.world_size, run_id=self.run_id,
                            resumed_from=resumed_from and dataclasses.asdict(resumed_from),
-                           max_steps=self.cfg.max_steps, phases=self.clock.phases)
+                           recovered_from=recovered, max_steps=self.cfg.max_steps, phases=self.clock.phases)
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[float, bool]:

@@ -12,6 +12,7 @@ DCP's stock writer, planner and reader, which need none of this module's private
 from __future__ import annotations
 
 import collections
+import enum
 import functools
 import io
 import pathlib
@@ -261,7 +262,8 @@ METADATA_TYPES: dict[tuple[str, str], Any] = {
     ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"): dcp_metadata.ChunkStorageMetadata,
     # a tensor's dtype, layout, requires_grad, memory format and pin_memory
     ("torch.distributed.checkpoint.metadata", "TensorProperties"): dcp_metadata.TensorProperties,
-    # TensorProperties pickles its memory format as a member of this enum
+    # TensorProperties pickles its memory format as a member of this enum (by value, or by name
+    # through ``getattr``, which ``_enum_member`` stands in for)
     ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): dcp_metadata._MEM_FORMAT_ENCODING,
     # the keys of storage_data: (fqn, offset, index)
     ("torch.distributed.checkpoint.metadata", "MetadataIndex"): dcp_metadata.MetadataIndex,
@@ -283,11 +285,22 @@ class RefusedType(Exception):
     """A pickle asked for a type outside the allow-list; the message is the type's dotted name."""
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """``getattr`` as a pickle may call it: Python pickles an enum member as ``getattr(EnumClass,
+    "MEMBER")`` (3.11.2 here does; 3.11.7 calls the class with the value). Only a member of an
+    allow-listed enum is handed out."""
+    if cls in METADATA_TYPES.values() and isinstance(cls, enum.EnumMeta) and name in cls.__members__:
+        return cls[name]
+    raise RefusedType(f"builtins.getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r})")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = METADATA_TYPES.get((module, name))
         if allowed is not None:
             return allowed
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # TensorProperties.dtype
             return getattr(torch, name)
         raise RefusedType(f"{module}.{name}")
