@@ -107,17 +107,28 @@ def file_digest(path: Path) -> dict[str, Any]:
     return digests.entry()
 
 
+def _resized(path: Path, size: int, expected: int) -> str:
+    return f"{path}: {size} bytes, {expected} recorded at commit (truncated or rewritten)"
+
+
+def _altered(path: Path, span: Span) -> str:
+    where = "" if span.whole_file else f" of bytes {span.start}-{span.start + span.length}"
+    return f"{path}: checksum{where} differs from the one recorded at commit (altered)"
+
+
 def bytes_problem(path: Path, data: bytes, recorded: dict[str, Any]) -> str | None:
     """What is wrong with a file's bytes, already read, against its marker entry; None if intact."""
     if len(data) != recorded["bytes"]:
-        return f"{path}: {len(data)} bytes, {recorded['bytes']} recorded at commit (truncated or rewritten)"
-    if BLOCKS in recorded:
-        digests = BlockDigests(recorded["block_bytes"])
-        digests.update(memoryview(data))
-        intact = digests.entry()[BLOCKS] == recorded[BLOCKS]
-    else:
-        intact = xxhash.xxh3_64(data).hexdigest() == recorded[ALGORITHM]
-    return None if intact else f"{path}: checksum differs from the one recorded at commit (altered)"
+        return _resized(path, len(data), recorded["bytes"])
+    view = memoryview(data)
+    return next((_altered(path, span) for span in spans({path.name: recorded})
+                 if _digest(view[span.start:span.start + span.length]) != span.digest), None)
+
+
+def _digest(data: memoryview) -> str:
+    hasher = new_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
 
 
 def _span_digest(path: Path, span: Span, buffer: memoryview) -> str:
@@ -139,7 +150,7 @@ def problems(checkpoint: Path, recorded: dict[str, dict[str, Any]], rank: int = 
         if not path.is_file():
             found.append(f"{path}: missing")
         elif (size := path.stat().st_size) != expected:
-            found.append(f"{path}: {size} bytes, {expected} recorded at commit (truncated or rewritten)")
+            found.append(_resized(path, size, expected))
         else:
             continue
         reported.add(name)
@@ -147,7 +158,6 @@ def problems(checkpoint: Path, recorded: dict[str, dict[str, Any]], rank: int = 
     for span in share(spans(recorded), rank, world_size):
         if span.name in reported or _span_digest(checkpoint / span.name, span, buffer) == span.digest:
             continue
-        where = "" if span.whole_file else f" of bytes {span.start}-{span.start + span.length}"
-        found.append(f"{checkpoint / span.name}: checksum{where} differs from the one recorded at commit (altered)")
+        found.append(_altered(checkpoint / span.name, span))
         reported.add(span.name)  # one message per file is enough
     return found

@@ -16,7 +16,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from trainer.checkpoint import safe_read
 from trainer.checkpoint.failures import user_error_inside
 from trainer.checkpoint.safe_read import METADATA_FILE, SafeLoadPlanner, SafeReader, assign
 from trainer.errors import UserError
@@ -27,10 +26,6 @@ def require_dcp_dir(path: str | Path) -> Path:
     if not (Path(path) / METADATA_FILE).is_file():
         raise UserError(f"{path}: not a DCP checkpoint (no {METADATA_FILE}); pick one from 'fsdp-train ckpt list'")
     return Path(path)
-
-
-def read_metadata(path: str | Path) -> Metadata:
-    return safe_read.read_metadata(require_dcp_dir(path))
 
 
 def tensor_entries(metadata: Metadata, prefix: str = "") -> dict[str, TensorStorageMetadata]:

@@ -95,7 +95,8 @@ class SafeReader(FileSystemReader):
         return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        check_confined(Path(self.path), metadata)  # also when the metadata came from another rank
+        if metadata is not self.metadata:  # ours was checked when read; metadata from elsewhere is checked here
+            check_confined(Path(self.path), metadata)
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
 
 
