@@ -34,6 +34,7 @@ ENV PATH=/opt/fsdp-train/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib
+# Any uid works too (OpenShift assigns one, in group 0): everything written goes to /tmp and the mounts.
 USER 10001:10001
 WORKDIR /tmp
 # torchrun reads its rendezvous settings from PET_* variables (set by the chart or the operator).

@@ -13,7 +13,7 @@ RELEASE ?= fsdp-train
 REPLICAS ?= 3
 
 .PHONY: help install train test unit lint bench image kind-up kind-load deploy scale watch undeploy kind-down \
-	chart-test e2e-docker e2e-kind clean
+	chart-test values-table e2e-docker e2e-kind clean
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ test: install ## run the whole test suite
 unit: install ## the fast tests only: no torchrun, no Docker, no kind (under 2 minutes)
 	$(BIN)/python -m pytest -m "not torchrun and not docker and not kind" $(PYTEST_ARGS)
 
-lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict
+lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict (every ci/*-values.yaml), values table
 	hack/lint.sh $(VENV)
+
+values-table: install ## regenerate README's chart values table from helm/fsdp-train/values.yaml
+	$(BIN)/python hack/values_table.py
 
 bench: install ## checkpoint benchmark (1.5 GB state, 2 ranks) and the training-overhead benchmark
 	$(BIN)/python -m bench.checkpoint --json bench-checkpoint.json
@@ -64,7 +67,7 @@ undeploy: ## helm uninstall (the checkpoint claim is kept)
 kind-down: ## delete the kind cluster
 	hack/kind.sh down
 
-chart-test: install ## helm lint, render every mode, validate against Kubernetes/Kubeflow schemas
+chart-test: install ## helm lint, render every kind, validate against Kubernetes, JobSet and Kubeflow models
 	$(BIN)/python -m pytest tests/test_chart.py
 
 e2e-docker: install ## the rendered chart's pods as containers: scale, kill, drain, resume

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# make lint: ruff (rules chosen in pyproject.toml), shellcheck on hack/ and .ci/, and
-# helm lint --strict on the chart. Stops at the first tool that finds something.
+# make lint: ruff (rules chosen in pyproject.toml), shellcheck on hack/ and .ci/, helm lint --strict
+# on the chart with its defaults and with each ci/*-values.yaml, and the README values table against
+# values.yaml. Stops at the first tool that finds something.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${1:-.venv}/bin"
 "$bin/ruff" check .
 "$bin/shellcheck" hack/*.sh .ci/run
 tools="$(PYTHON="$bin/python" hack/tools.sh)"
-"$tools/helm" lint --strict helm/fsdp-train
-echo "lint: ruff, shellcheck and helm lint --strict found nothing"
+"$tools/helm" lint --strict --quiet helm/fsdp-train
+for values in helm/fsdp-train/ci/*-values.yaml; do
+  "$tools/helm" lint --strict --quiet helm/fsdp-train --values "$values"
+done
+"$bin/python" hack/values_table.py --check
+echo "lint: ruff, shellcheck, helm lint --strict and the values table found nothing"

@@ -54,3 +54,8 @@ def test_bad_config_file(tmp_path):
     assert_one_line_error(run_cli("train", "--config", str(config)), "learning_rate", str(config))
     config.write_text("max_steps: many\n")
     assert_one_line_error(run_cli("train", "--config", str(config)), "max_steps='many'")
+
+
+@pytest.mark.parametrize("nnodes", ["0:4", "4:", "two", "1:4:8"])
+def test_launch_elastic_range_is_checked_before_torchrun(nnodes):
+    assert_one_line_error(run_cli("launch", "--nnodes", nnodes), "--nnodes", "MIN:MAX", repr(nnodes))

@@ -1,9 +1,11 @@
-"""The Helm chart: lint, schema-valid objects for every mode, a container the trainer accepts, bad values refused."""
+"""The Helm chart: lint, every kind's objects valid against its own project's API, one pod spec the
+trainer and torchrun accept, scaling that leaves the pod template alone, bad values refused."""
 
 from __future__ import annotations
 
-import itertools
+import copy
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,12 @@ import yaml
 from conftest import ROOT
 
 CHART = ROOT / "helm" / "fsdp-train"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 K8S_VERSION = "1.31.0"
+KINDS = ["IndexedJob", "JobSet", "TrainJob", "PyTorchJob"]
+WORKLOAD_OBJECTS = {"IndexedJob": ["Job", "Service"], "JobSet": ["JobSet"],
+                    "TrainJob": ["TrainJob", "TrainingRuntime"], "PyTorchJob": ["PyTorchJob"]}
+CONTAINER_NAME = {"IndexedJob": "trainer", "JobSet": "trainer", "TrainJob": "node", "PyTorchJob": "pytorch"}
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +29,17 @@ def helm() -> str:
     return str(Path(proc.stdout.strip()) / "helm")
 
 
-def helm_template(helm: str, *sets: str) -> subprocess.CompletedProcess:
+def helm_template(helm: str, *sets: str, values: Path | None = None) -> subprocess.CompletedProcess:
     args = [helm, "template", "t", str(CHART)]
+    if values:
+        args += ["--values", str(values)]
     for value in sets:
         args += ["--set", value]
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
-def render(helm: str, *sets: str) -> list[dict]:
-    proc = helm_template(helm, *sets)
+def render(helm: str, *sets: str, values: Path | None = None) -> list[dict]:
+    proc = helm_template(helm, *sets, values=values)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -45,105 +54,283 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [doc for doc in docs if doc["kind"] == kind]
 
 
+def workload_kind(docs: list[dict]) -> str:
+    present = {doc["kind"] for doc in docs}
+    return next(kind for kind, objects in WORKLOAD_OBJECTS.items() if objects[0] in present)
+
+
+def job_template(docs: list[dict]) -> dict:
+    """The Job template (JobTemplateSpec) of the Job-based kinds."""
+    kind = workload_kind(docs)
+    if kind == "IndexedJob":
+        return by_kind(docs, "Job")[0]
+    if kind == "JobSet":
+        return by_kind(docs, "JobSet")[0]["spec"]["replicatedJobs"][0]["template"]
+    return by_kind(docs, "TrainingRuntime")[0]["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+
+
 def pod_template(docs: list[dict]) -> dict:
-    jobs = by_kind(docs, "Job")
-    if jobs:
-        return jobs[0]["spec"]["template"]
-    return by_kind(docs, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    if workload_kind(docs) == "PyTorchJob":
+        return by_kind(docs, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    return job_template(docs)["spec"]["template"]
+
+
+def node_count(docs: list[dict]) -> int:
+    kind = workload_kind(docs)
+    if kind == "TrainJob":
+        return by_kind(docs, "TrainJob")[0]["spec"]["trainer"]["numNodes"]
+    if kind == "PyTorchJob":
+        return by_kind(docs, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+    spec = job_template(docs)["spec"]
+    assert spec["completions"] == spec["parallelism"]
+    return spec["parallelism"]
+
+
+def kubeflow_trainer_model(kind: str):
+    from kubeflow_trainer_api import models
+
+    return {"JobSet": models.JobsetV1alpha2JobSet, "TrainJob": models.TrainerV1alpha1TrainJob,
+            "TrainingRuntime": models.TrainerV1alpha1TrainingRuntime}[kind]
+
+
+def validate(doc: dict) -> None:
+    """Each object against its own project's API: Kubernetes' schema (strict) for the core kinds,
+    the JobSet and Kubeflow Trainer models for theirs, the training-operator model for PyTorchJob;
+    a custom resource's embedded Job or pod template also against Kubernetes' schema."""
+    import kubernetes_validate
+
+    kind = doc["kind"]
+    if kind == "PyTorchJob":
+        from kubeflow.training import ApiClient
+
+        client = ApiClient()
+        model = client._ApiClient__deserialize(doc, "KubeflowOrgV1PyTorchJob")
+        # A field the model does not know is dropped on the way in: the round trip must be lossless.
+        assert client.sanitize_for_serialization(model) == doc
+        template = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "w"},
+                                      "template": template}, K8S_VERSION, strict=True)
+    elif kind in ("JobSet", "TrainJob", "TrainingRuntime"):
+        assert kubeflow_trainer_model(kind).from_dict(doc).to_dict() == doc, f"{kind}: fields lost in a round trip"
+        jobset_spec = doc["spec"] if kind == "JobSet" else doc["spec"].get("template", {}).get("spec")
+        for replicated in (jobset_spec or {}).get("replicatedJobs", []):
+            kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                                          **replicated["template"]}, K8S_VERSION, strict=True)
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_lint_strict(helm):
-    proc = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for values in [None, *CI_VALUES]:
+        extra = ["--values", str(values)] if values else []
+        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, f"{values}: {proc.stdout + proc.stderr}"
 
 
-MATRIX = list(itertools.product(["IndexedJob", "PyTorchJob"], [False, True], [1, 2, 4]))
+def test_ci_values_cover_every_supported_combination():
+    combinations = set()
+    for path in CI_VALUES:
+        values = yaml.safe_load(path.read_text())
+        combinations.add((values["workload"]["kind"], values["gpu"]["enabled"],
+                          bool(values.get("kueue", {}).get("queueName"))))
+    expected = {(kind, gpu, kueue) for kind in KINDS for gpu in (False, True) for kueue in (False, True)
+                if not (kind == "PyTorchJob" and kueue)}
+    assert combinations == expected
 
 
-@pytest.mark.parametrize("kind,gpu,replicas", MATRIX, ids=[f"{k}-{'gpu' if g else 'cpu'}-{r}" for k, g, r in MATRIX])
-def test_rendered_objects_are_schema_valid(helm, kind, gpu, replicas):
-    import kubernetes_validate
-    from kubeflow.training import ApiClient
-
-    docs = render(helm, f"workload.kind={kind}", f"gpu.enabled={str(gpu).lower()}", f"replicas={replicas}")
-    kinds = sorted(doc["kind"] for doc in docs)
-    expected = ["ConfigMap", "PersistentVolumeClaim", "Pod"] + (
-        ["Job", "Service"] if kind == "IndexedJob" else ["PyTorchJob"])
-    assert kinds == sorted(expected)
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.name.removesuffix("-values.yaml") for p in CI_VALUES])
+def test_every_ci_combination_renders_valid_objects(helm, values):
+    settings = yaml.safe_load(values.read_text())
+    kind, gpu = settings["workload"]["kind"], settings["gpu"]["enabled"]
+    queue = settings.get("kueue", {}).get("queueName", "")
+    docs = render(helm, values=values)
+    assert sorted(doc["kind"] for doc in docs) == sorted(
+        ["ConfigMap", "PersistentVolumeClaim", "Pod", *WORKLOAD_OBJECTS[kind]])
     for doc in docs:
-        if doc["kind"] == "PyTorchJob":
-            client = ApiClient()
-            model = client._ApiClient__deserialize(doc, "KubeflowOrgV1PyTorchJob")
-            # A field the model does not know is dropped on the way in: the round trip must be lossless.
-            assert client.sanitize_for_serialization(model) == doc
-            worker = model.spec.pytorch_replica_specs["Worker"]
-            assert worker.replicas == replicas and model.spec.elastic_policy.rdzv_backend == "c10d"
-        else:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        validate(doc)
     container = pod_template(docs)["spec"]["containers"][0]
+    assert container["name"] == CONTAINER_NAME[kind]
     limits = container.get("resources", {}).get("limits", {})
     assert ("nvidia.com/gpu" in limits) == gpu
-    workload = by_kind(docs, "Job") or by_kind(docs, "PyTorchJob")
-    assert workload
+    workload = by_kind(docs, WORKLOAD_OBJECTS[kind][0])[0]
+    labels = workload["metadata"]["labels"]
+    assert labels.get("kueue.x-k8s.io/queue-name") == (queue or None)
+    if kind != "PyTorchJob":
+        assert workload["spec"].get("suspend") == (True if queue else None), "Kueue starts a suspended workload"
 
 
-@pytest.mark.parametrize("kind", ["IndexedJob", "PyTorchJob"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pod_template_does_not_depend_on_replicas(helm, kind):
+    """Job pod templates are immutable: `helm upgrade --set replicas=N` may change only the node count."""
+    one = render(helm, f"workload.kind={kind}", "replicas=1")
+    three = render(helm, f"workload.kind={kind}", "replicas=3")
+    assert (node_count(one), node_count(three)) == (1, 3)
+    changed = [a["kind"] for a, b in zip(one, three) if a != b]
+    assert changed == [WORKLOAD_OBJECTS[kind][0]], f"only the workload's node count changes, not {changed}"
+    assert pod_template(one) == pod_template(three)
+    if kind != "PyTorchJob":
+        for docs in (one, three):
+            spec = job_template(docs)["spec"]
+            spec.pop("completions", None), spec.pop("parallelism", None)
+        assert job_template(one) == job_template(three)
+
+
+def injected_env(kind: str, docs: list[dict], pod_index: int) -> dict[str, str]:
+    """What the controller of each kind adds to the container's environment."""
+    if kind == "TrainJob":  # Kubeflow Trainer's torch plugin (pkg/runtime/framework/plugins/torch)
+        name = by_kind(docs, "TrainJob")[0]["metadata"]["name"]
+        trainer = by_kind(docs, "TrainJob")[0]["spec"]["trainer"]
+        return {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                "PET_NODE_RANK": str(pod_index), "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+                "PET_MASTER_PORT": "29400", "JOB_COMPLETION_INDEX": str(pod_index)}
+    if kind == "PyTorchJob":  # the training operator's elastic PET_* variables
+        elastic = by_kind(docs, "PyTorchJob")[0]["spec"]["elasticPolicy"]
+        name = by_kind(docs, "PyTorchJob")[0]["metadata"]["name"]
+        return {"PET_NNODES": f"{elastic['minReplicas']}:{elastic['maxReplicas']}", "PET_RDZV_BACKEND": "c10d",
+                "PET_RDZV_ENDPOINT": f"{name}-worker-0:23456", "PET_MAX_RESTARTS": str(elastic["maxRestarts"])}
+    return {"JOB_COMPLETION_INDEX": str(pod_index)}
+
+
+def pod_hostname(kind: str, docs: list[dict], index: int) -> tuple[str, str]:
+    """(hostname, subdomain) Kubernetes gives worker pod `index` of each Job-based kind."""
+    name = by_kind(docs, WORKLOAD_OBJECTS[kind][0])[0]["metadata"]["name"]
+    if kind == "IndexedJob":
+        return f"{name}-{index}", pod_template(docs)["spec"]["subdomain"]
+    replicated = "workers" if kind == "JobSet" else "node"
+    return f"{name}-{replicated}-0-{index}", name
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("gpu", [False, True])
-def test_container_command_env_and_mounts_are_what_the_trainer_accepts(helm, kind, gpu, tmp_path, monkeypatch):
+def test_container_command_env_and_mounts_are_what_the_trainer_and_torchrun_accept(helm, kind, gpu, tmp_path,
+                                                                                   monkeypatch):
     from torch.distributed.run import get_args_parser
 
     from trainer.cli import parse_args
     from trainer.config import resolve_config
+    from trainer.launch import launch_command
 
     docs = render(helm, f"workload.kind={kind}", f"gpu.enabled={str(gpu).lower()}")
     container = pod_template(docs)["spec"]["containers"][0]
     assert container["command"] == ["fsdp-train", "launch"]
-    config_map = by_kind(docs, "ConfigMap")[0]
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(config_map["data"]["config.yaml"])
+    config_path.write_text(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
     args = [str(config_path) if arg == "/etc/fsdp-train/config.yaml" else arg for arg in container["args"]]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "/etc/fsdp-train" in mounts and "/dev/shm" in mounts
     env = {item["name"]: item["value"] for item in container["env"]}
-    trainer_env = {k: v for k, v in env.items() if k.startswith("FSDP_TRAIN_")}
+    env.update(injected_env(kind, docs, pod_index=1))  # the controller's variables replace the chart's
     launch = parse_args([*container["command"][1:], *args])  # exactly how the entrypoint parses it
     assert launch.command == "launch"
+    trainer_env = {k: v for k, v in env.items() if k.startswith("FSDP_TRAIN_")}
     cfg = resolve_config(parse_args(["train", *launch.train_args]), environ=trainer_env)
     assert cfg.checkpoint_dir in mounts, "the checkpoint dir must be the mounted volume"
     assert cfg.device == ("cuda" if gpu else "cpu")
-    pet = {k: v for k, v in env.items() if k.startswith("PET_")}
-    for key, value in pet.items():
-        monkeypatch.setenv(key, value)
-    torchrun = get_args_parser().parse_args(["-m", "trainer", "train"])  # PET_* become torchrun's settings
-    assert torchrun.nproc_per_node == env["PET_NPROC_PER_NODE"]
-    if kind == "IndexedJob":
-        assert torchrun.nnodes == "1:4" and torchrun.rdzv_backend == "c10d"
-        service = by_kind(docs, "Service")[0]["metadata"]["name"]
-        job = by_kind(docs, "Job")[0]["metadata"]["name"]
-        assert torchrun.rdzv_endpoint == f"{job}-0.{service}:29400"
-        assert pod_template(docs)["spec"]["subdomain"] == service
+    for key, value in env.items():
+        if key.startswith("PET_"):
+            monkeypatch.setenv(key, value)
+    command = launch_command(cfg, launch.train_args, env, launch.nnodes)
+    torchrun = get_args_parser().parse_args(command[3:])  # the PET_* variables become torchrun's defaults
+    assert torchrun.nnodes == "1:4", "every kind trains on any node count in [minReplicas, maxReplicas]"
+    assert torchrun.rdzv_backend == "c10d" and torchrun.nproc_per_node == "1"
+    assert torchrun.shutdown_timeout == cfg.shutdown_grace + 5
+    assert cfg.shutdown_grace + 10 <= pod_template(docs)["spec"]["terminationGracePeriodSeconds"]
+    if kind != "PyTorchJob":
+        hostname, subdomain = pod_hostname(kind, docs, index=0)
+        assert torchrun.rdzv_endpoint == f"{hostname}.{subdomain}:29400", "the rendezvous is on the first pod"
+        if kind == "IndexedJob":
+            assert by_kind(docs, "Service")[0]["metadata"]["name"] == subdomain
 
 
-def test_scaling_changes_only_completions_and_parallelism(helm):
-    """Job pod templates are immutable: `helm upgrade --set replicas=N` must leave the template untouched."""
-    two, three = by_kind(render(helm, "replicas=2"), "Job")[0], by_kind(render(helm, "replicas=3"), "Job")[0]
-    assert two["spec"]["template"] == three["spec"]["template"]
-    assert two["metadata"]["name"] == three["metadata"]["name"]
-    assert (three["spec"]["completions"], three["spec"]["parallelism"]) == (3, 3)
-    for spec in (two["spec"], three["spec"]):
-        spec.pop("completions"), spec.pop("parallelism")
-    assert two["spec"] == three["spec"]
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_shares_one_pod_spec_and_the_test_hook(helm, kind):
+    reference = copy.deepcopy(pod_template(render(helm, "workload.kind=IndexedJob"))["spec"])
+    spec = copy.deepcopy(pod_template(render(helm, f"workload.kind={kind}"))["spec"])
+    for pod in (reference, spec):
+        container = pod["containers"][0]
+        container["name"] = "c"
+        container["env"] = [e for e in container["env"] if not e["name"].startswith("PET_")]
+        container["args"] = [a for a in container["args"] if a not in ("--nnodes", "1:4")]
+        pod.pop("subdomain", None), pod.pop("restartPolicy", None)
+    assert spec == reference
+    hooks = by_kind(render(helm, f"workload.kind={kind}"), "Pod")
+    assert [h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks] == ["test"]
 
 
-def test_restricted_pod_security(helm):
+def test_restricted_pod_security_by_default(helm):
     spec = pod_template(render(helm))["spec"]
-    assert spec["automountServiceAccountToken"] is False
+    assert spec["automountServiceAccountToken"] is False and "serviceAccountName" not in spec
     assert spec["securityContext"]["runAsNonRoot"] is True
     security = spec["containers"][0]["securityContext"]
     assert security == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                         "capabilities": {"drop": ["ALL"]}}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_platform_assigned_uids(helm):
+    """OpenShift's restricted SCC picks the uid: the chart must be able to leave it out."""
+    docs = render(helm, "podSecurityContext.runAsUser=null", "podSecurityContext.runAsGroup=null",
+                  "podSecurityContext.fsGroup=null")
+    for spec in (pod_template(docs)["spec"], by_kind(docs, "Pod")[0]["spec"]):
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    custom = pod_template(render(helm, "containerSecurityContext.readOnlyRootFilesystem=false"))["spec"]
+    assert custom["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+IMAGES = [
+    ([], "fsdp-train:0.1.0"),  # the tag defaults to the chart's appVersion
+    (["image.tag=1.2"], "fsdp-train:1.2"),
+    (["image.registry=registry.example.com:5000/ml"], "registry.example.com:5000/ml/fsdp-train:0.1.0"),
+    ([f"image.digest=sha256:{'a' * 64}", "image.tag=1.2"], f"fsdp-train@sha256:{'a' * 64}"),
+]
+
+
+@pytest.mark.parametrize("sets,image", IMAGES, ids=["appVersion", "tag", "registry", "digest"])
+def test_image_reference(helm, sets, image):
+    docs = render(helm, *sets)
+    chart_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert image.replace("0.1.0", chart_version) == image, "IMAGES assumes appVersion 0.1.0"
+    assert pod_template(docs)["spec"]["containers"][0]["image"] == image
+    assert by_kind(docs, "Pod")[0]["spec"]["containers"][0]["image"] == image
+
+
+def test_pull_secrets_scheduling_and_common_metadata(helm):
+    docs = render(helm, "imagePullSecrets[0].name=regcred", "priorityClassName=batch-low", "schedulerName=volcano",
+                  "topologySpreadConstraints[0].maxSkew=1",
+                  "topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname",
+                  "topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+                  "commonLabels.team=ml", "commonAnnotations.owner=alice", "podLabels.extra=yes")
+    spec = pod_template(docs)["spec"]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert (spec["priorityClassName"], spec["schedulerName"]) == ("batch-low", "volcano")
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert by_kind(docs, "Pod")[0]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    for doc in docs:
+        assert doc["metadata"]["labels"]["team"] == "ml", doc["kind"]
+        assert doc["metadata"]["annotations"]["owner"] == "alice", doc["kind"]
+    assert pod_template(docs)["metadata"]["labels"]["extra"] == "yes"
+    pvc = by_kind(docs, "PersistentVolumeClaim")[0]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", "commonAnnotations keep the claim's"
+
+
+def test_service_account_with_token_gets_a_role_to_read_pods(helm):
+    docs = render(helm, "serviceAccount.create=true", "serviceAccount.automountToken=true",
+                  "serviceAccount.annotations.iam\\.example\\.com/role=ckpt-writer")
+    account = by_kind(docs, "ServiceAccount")[0]
+    assert account["metadata"]["annotations"] == {"iam.example.com/role": "ckpt-writer"}
+    spec = pod_template(docs)["spec"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"] and spec["automountServiceAccountToken"]
+    role, binding = by_kind(docs, "Role")[0], by_kind(docs, "RoleBinding")[0]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    assert binding["subjects"][0]["name"] == account["metadata"]["name"]
+    for doc in docs:
+        validate(doc)
+    no_token = render(helm, "serviceAccount.create=true")
+    assert not by_kind(no_token, "Role") and pod_template(no_token)["spec"]["automountServiceAccountToken"] is False
+    named = pod_template(render(helm, "serviceAccount.name=existing"))["spec"]
+    assert named["serviceAccountName"] == "existing"
 
 
 def test_existing_claim_replaces_the_created_one(helm):
@@ -164,35 +351,60 @@ def test_helm_test_hook_verifies_the_newest_checkpoint(helm):
     assert parsed.newest and parsed.target == "/checkpoints"
 
 
+def test_shutdown_grace_fallback_is_the_trainers_default(helm):
+    from trainer.config import TrainConfig
+
+    grace = TrainConfig().shutdown_grace
+    assert f"trainer.shutdown_grace ({grace:g})" in render_error(
+        helm, "trainer.shutdown_grace=null", f"terminationGracePeriodSeconds={int(grace) + 9}")
+    render(helm, "trainer.shutdown_grace=null", f"terminationGracePeriodSeconds={int(grace) + 10}")
+
+
 BAD_VALUES = [
     (["replicas=0"], "/replicas"),
     (["elastic.minReplicas=3", "elastic.maxReplicas=2", "replicas=2"], "elastic.minReplicas (3) must not exceed"),
     (["replicas=5"], "replicas (5) must lie within"),
-    (["workload.kind=Deployment"], "IndexedJob', 'PyTorchJob"),
+    (["workload.kind=Deployment"], "'IndexedJob', 'JobSet', 'TrainJob', 'PyTorchJob'"),
     (["image.repository="], "/image/repository"),
+    (["image.digest=0123abcd"], "/image/digest"),
     (["checkpoint.pvc.create=false"], "no checkpoint storage"),
     (["checkpoint.every=0"], "/checkpoint/every"),
+    (["workload.kind=PyTorchJob", "kueue.queueName=team-a"],
+     "kueue.queueName cannot be used with workload.kind=PyTorchJob"),
+    (["kueue.queueName=Team_A"], "/kueue/queueName"),
+    (["terminationGracePeriodSeconds=45"],
+     "terminationGracePeriodSeconds (45) must be at least trainer.shutdown_grace (40) + 10 = 50"),
 ]
 
 
-@pytest.mark.parametrize("sets,message", BAD_VALUES, ids=[s[0][0] for s in BAD_VALUES])
+@pytest.mark.parametrize("sets,message", BAD_VALUES, ids=[s[0][-1] for s in BAD_VALUES])
 def test_bad_values_are_rejected_with_a_message(helm, sets, message):
     assert message in render_error(helm, *sets)
 
 
-def test_values_table_in_readme_covers_every_value():
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
+def test_readme_values_table_is_generated_from_values_yaml(tmp_path):
+    check = [sys.executable, str(ROOT / "hack" / "values_table.py"), "--check"]
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    values = (CHART / "values.yaml").read_text()
+    drifted = tmp_path / "values.yaml"
+    drifted.write_text(values.replace("# -- Save a checkpoint every K steps.", "# -- Save every K steps."))
+    proc = subprocess.run([*check, "--values", str(drifted)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "run `make values-table`" in proc.stderr
+    undocumented = tmp_path / "undocumented.yaml"
+    undocumented.write_text(values.replace("# -- Pod tolerations.\n", ""))
+    proc = subprocess.run([*check, "--values", str(undocumented)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no `# --` comment for tolerations" in proc.stderr
 
-    def leaves(tree: dict, prefix: str = "") -> list[str]:
-        out = []
-        for key, value in tree.items():
-            if isinstance(value, dict) and value and key != "trainer":
-                out += leaves(value, f"{prefix}{key}.")
-            else:
-                out.append(prefix + key)
-        return out
 
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in leaves(values) if f"`{name}`" not in readme]
-    assert not missing, f"README values table lacks {missing}"
+def test_launch_gives_torchrun_a_stop_timeout_that_covers_the_emergency_checkpoint():
+    from torch.distributed.run import get_args_parser
 
+    from trainer.config import TrainConfig
+    from trainer.launch import launch_command
+
+    parse = lambda command: get_args_parser().parse_args(command[3:])
+    torchrun = parse(launch_command(TrainConfig(shutdown_grace=40.5), [], {}, "2:3"))
+    assert (torchrun.shutdown_timeout, torchrun.nnodes) == (46, "2:3")
+    # a PET_SHUTDOWN_TIMEOUT set by the user is left to torchrun
+    assert "--shutdown-timeout" not in " ".join(launch_command(TrainConfig(), [], {"PET_SHUTDOWN_TIMEOUT": "9"}))

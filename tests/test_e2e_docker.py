@@ -1,11 +1,12 @@
-"""End to end on real containers: the chart's Indexed Job pods, scaled, killed, drained and resumed.
+"""End to end on real containers: the chart's Indexed Job and JobSet pods, scaled, killed, drained, resumed.
 
-Each pod of the Job that ``helm template`` renders becomes a container running exactly the
-rendered command, args and env. Only what Kubernetes itself provides is substituted: the pod's
-hostname and completion index, the headless Service's DNS names (network aliases on a private
-Docker network), the ConfigMap (a read-only mount) and the PVC (one host directory shared by all).
-What Kubernetes would do on each event is done by hand: start the pod of a new index after
-``helm upgrade --set replicas=N``, replace a killed pod, stop pods with SIGTERM on a drain.
+Each pod of the Job that ``helm template`` renders (directly, or as the JobSet's replicated Job)
+becomes a container running exactly the rendered command, args and env. Only what Kubernetes
+itself provides is substituted: the pod's hostname and completion index, the DNS names of the
+headless Service (the chart's, or the one JobSet creates for its subdomain) as network aliases on a
+private Docker network, the ConfigMap (a read-only mount) and the PVC (one host directory shared by
+all). What the controllers would do on each event is done by hand: start the pod of a new index
+after ``helm upgrade --set replicas=N``, replace a killed pod, stop pods with SIGTERM on a drain.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_chart import by_kind, render
+from test_chart import by_kind, job_template, render
 
 from conftest import ROOT, last_step, run_cli, step_records
 from trainer.checkpoint.layout import committed_checkpoints
@@ -55,10 +56,10 @@ def docker_ready() -> None:
 
 
 class FakeCluster:
-    """Just enough of Kubernetes to run the rendered Indexed Job's pods as containers."""
+    """Just enough of Kubernetes (and JobSet) to run the rendered Job's pods as containers."""
 
-    def __init__(self, helm: str, workdir: Path) -> None:
-        self.helm = helm
+    def __init__(self, helm: str, workdir: Path, kind: str) -> None:
+        self.helm, self.kind = helm, kind
         self.suffix = uuid.uuid4().hex[:6]
         self.network = f"fsdp-e2e-{self.suffix}"
         self.pvc = workdir / "pvc"
@@ -71,21 +72,29 @@ class FakeCluster:
 
     def apply(self, replicas: int) -> dict:
         """`helm upgrade --set replicas=N`: render, check the pod template is unchanged, return the Job."""
-        docs = render(self.helm, *VALUES, f"replicas={replicas}")
-        job, service = by_kind(docs, "Job")[0], by_kind(docs, "Service")[0]
+        docs = render(self.helm, *VALUES, f"workload.kind={self.kind}", f"replicas={replicas}")
+        job = job_template(docs)
         config = by_kind(docs, "ConfigMap")[0]
         for name, content in config["data"].items():
             (self.configmap / name).write_text(content)
         if hasattr(self, "job"):
             assert job["spec"]["template"] == self.job["spec"]["template"], "a scale must not touch the pod template"
-        self.job, self.service = job, service["metadata"]["name"]
+        if self.kind == "IndexedJob":  # pod <job>-<index> under the chart's headless Service
+            self.hostname_prefix = by_kind(docs, "Job")[0]["metadata"]["name"]
+            self.subdomain = by_kind(docs, "Service")[0]["metadata"]["name"]
+        else:  # JobSet: pod <jobset>-<replicated job>-<job index>-<index> under the subdomain <jobset>
+            jobset = by_kind(docs, "JobSet")[0]
+            self.hostname_prefix = f"{jobset['metadata']['name']}-{jobset['spec']['replicatedJobs'][0]['name']}-0"
+            assert jobset["spec"]["network"]["enableDNSHostnames"]
+            self.subdomain = jobset["metadata"]["name"]
+        self.job = job
         return job
 
     def start_pod(self, index: int) -> None:
         """What the Job controller does for a missing index: a fresh pod with the rendered container."""
         spec = self.job["spec"]["template"]["spec"]
         container = spec["containers"][0]
-        hostname = f"{self.job['metadata']['name']}-{index}"
+        hostname = f"{self.hostname_prefix}-{index}"
         name = f"{hostname}-{self.suffix}"
         docker("rm", "-f", name, check=False)
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -93,7 +102,7 @@ class FakeCluster:
         assert volumes["checkpoints"]["persistentVolumeClaim"] and volumes["config"]["configMap"]
         security = container["securityContext"]
         args = ["run", "-d", "--name", name, "--hostname", hostname, "--network", self.network,
-                "--network-alias", f"{hostname}.{self.service}",
+                "--network-alias", f"{hostname}.{self.subdomain}",
                 "--user", f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}",
                 "--shm-size", str(volumes["dshm"]["emptyDir"]["sizeLimit"]).replace("Gi", "g"),
                 "-v", f"{self.pvc}:{mounts['checkpoints']}", "-v", f"{self.configmap}:{mounts['config']}:ro",
@@ -157,10 +166,25 @@ def newest_commit(pvc: Path) -> CommitMarker | None:
     return committed[-1].marker if committed else None
 
 
-def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path):
+# Final loss of the uninterrupted run, per rendered config: every kind trains the same job.
+_REFERENCE: dict[str, float] = {}
+
+
+def uninterrupted_loss(config: Path, workdir: Path) -> float:
+    text = config.read_text()
+    if text not in _REFERENCE:
+        reference = workdir / "reference"
+        run_cli("local", "--nproc", "2", "--config", str(config), "--checkpoint-dir", str(reference),
+                "--no-progress", timeout=600, check=True)
+        _REFERENCE[text] = step_records(reference)[-1]["loss"]
+    return _REFERENCE[text]
+
+
+@pytest.mark.parametrize("kind", ["IndexedJob", "JobSet"])
+def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     proc = subprocess.run([str(ROOT / "hack" / "tools.sh")], capture_output=True, text=True, timeout=300)
     helm = str(Path(proc.stdout.strip()) / "helm")
-    cluster = FakeCluster(helm, tmp_path)
+    cluster = FakeCluster(helm, tmp_path, kind)
     pvc, summary, started = cluster.pvc, [], time.monotonic()
     try:
         # 1. two replicas train past the first checkpoints
@@ -222,22 +246,20 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path):
         cluster.remove()
 
     # The same config, uninterrupted, on this machine: the final loss must match.
-    reference = tmp_path / "reference"
-    config = tmp_path / "configmap" / "config.yaml"
-    run_cli("local", "--nproc", "2", "--config", str(config), "--checkpoint-dir", str(reference),
-            "--no-progress", timeout=600, check=True)
-    ref_loss, loss = step_records(reference)[-1]["loss"], step_records(pvc)[-1]["loss"]
+    ref_loss = uninterrupted_loss(tmp_path / "configmap" / "config.yaml", tmp_path)
+    loss = step_records(pvc)[-1]["loss"]
     worlds = sorted({r["world_size"] for r in step_records(pvc)})
     resumes = [r for r in read_metrics(pvc) if r.get("event") == "start" and r.get("resumed_from")]
-    lines = [f"e2e-docker summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
+    lines = [f"e2e-docker {kind} summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
              f"{len(resumes)} resumes, drain exit codes {codes}",
              *(f"  {what:22} recovery {seconds:6.1f}s  steps lost {lost}" for what, seconds, lost in summary),
              f"  final loss {loss:.7f} vs uninterrupted {ref_loss:.7f} (|diff| {abs(loss - ref_loss):.1e}, "
              f"tolerance {TOLERANCE:.0e})"]
     print("\n" + "\n".join(lines))
     (ROOT / "build").mkdir(exist_ok=True)
-    (ROOT / "build" / "e2e-docker-summary.json").write_text(json.dumps(
-        {"worlds": worlds, "resumes": len(resumes), "events": summary, "loss": loss, "reference_loss": ref_loss}))
+    (ROOT / "build" / f"e2e-docker-{kind.lower()}-summary.json").write_text(json.dumps(
+        {"kind": kind, "worlds": worlds, "resumes": len(resumes), "events": summary, "loss": loss,
+         "reference_loss": ref_loss}))
     assert {1, 2, 3} <= set(worlds)
     assert len(resumes) >= 3, "scaling up, the replaced pod and scaling down after the drain each resume"
     assert abs(loss - ref_loss) <= TOLERANCE

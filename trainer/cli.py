@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 
@@ -74,6 +75,9 @@ def local(args: argparse.Namespace) -> int:
 def add_launch(commands: argparse._SubParsersAction) -> None:
     parser = _add(commands, "launch", launch, "container entrypoint: torchrun configured by PET_* variables",
                   "exec torchrun -m trainer train ARGS; torchrun reads PET_* settings.")
+    parser.add_argument("--nnodes", metavar="MIN:MAX",
+                        help="elastic node range for torchrun; wins over PET_NNODES (which Kubeflow Trainer v2 "
+                             "sets to the TrainJob's fixed numNodes)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="flags passed to 'fsdp-train train'")
 
 
@@ -81,8 +85,10 @@ def launch(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
     from trainer.launch import exec_launch
 
-    resolve_config(parse_args(["train", *args.train_args]))  # a bad flag fails here, once, in one line
-    exec_launch(args.train_args)
+    cfg = resolve_config(parse_args(["train", *args.train_args]))  # a bad flag fails here, once, in one line
+    if args.nnodes is not None and not re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", args.nnodes):
+        raise UserError(f"--nnodes must be N or MIN:MAX with positive integers (got {args.nnodes!r})")
+    exec_launch(cfg, args.train_args, args.nnodes)
     return 1  # not reached
 
 

@@ -6,10 +6,12 @@ turns Ctrl-C or SIGTERM into a clean stop (the workers write an emergency
 checkpoint, or exit at once while still starting) and then exits 0.
 ``launch`` replaces itself with torchrun, which reads its rendezvous settings
 from ``PET_*`` environment variables (set by the Helm chart or the operator).
+Both give torchrun a stop timeout that covers the emergency checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -34,9 +36,21 @@ from trainer.seeding import check_matches, read_model_state
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+# Seconds torchrun waits beyond ``shutdown_grace`` before it SIGKILLs workers that are still
+# writing their emergency checkpoint (its own default is a fixed 30 s, whatever the grace).
+# The Helm chart adds the same margin again for torchrun itself to exit before the pod's
+# terminationGracePeriodSeconds runs out.
+STOP_MARGIN_S = 5
+
+
 def restart_safe(environ: dict[str, str]) -> dict[str, str]:
     """``environ`` with ``RESTART_ENV`` filled in where it has no value of its own."""
     return {**RESTART_ENV, **environ}
+
+
+def stop_timeout(cfg: TrainConfig) -> int:
+    """torchrun's ``--shutdown-timeout``: the emergency checkpoint's grace plus ``STOP_MARGIN_S``."""
+    return math.ceil(cfg.shutdown_grace) + STOP_MARGIN_S
 
 
 def torchrun_prefix(*extra: str) -> list[str]:
@@ -63,7 +77,8 @@ def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
     newest checkpoint) up to ``max_restarts`` times when a worker fails."""
     preflight(cfg, nproc)
     command = torchrun_prefix("--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                              "-m", "trainer", "train", *config_to_args(cfg))
+                              f"--shutdown-timeout={stop_timeout(cfg)}", "-m", "trainer", "train",
+                              *config_to_args(cfg))
     env = restart_safe({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     started = time.time()
     # Same process group as us: Ctrl-C reaches torchrun and the workers directly, and killing
@@ -95,7 +110,20 @@ def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
     return code
 
 
-def exec_launch(train_args: list[str]) -> None:
+def launch_command(cfg: TrainConfig, train_args: list[str], environ: dict[str, str],
+                   nnodes: str | None = None) -> list[str]:
+    """The torchrun command line of ``launch``; everything not given here comes from ``PET_*``.
+
+    ``nnodes`` wins over ``PET_NNODES``: Kubeflow Trainer v2 overwrites that variable with the
+    TrainJob's fixed ``numNodes``, and only torchrun's own flag keeps the elastic range.
+    """
+    options = [] if "PET_SHUTDOWN_TIMEOUT" in environ else [f"--shutdown-timeout={stop_timeout(cfg)}"]
+    if nnodes:
+        options.append(f"--nnodes={nnodes}")
+    return torchrun_prefix(*options, "-m", "trainer", "train", *train_args)
+
+
+def exec_launch(cfg: TrainConfig, train_args: list[str], nnodes: str | None = None) -> None:
     """Become torchrun (PID 1 in the container receives SIGTERM directly)."""
-    command = torchrun_prefix("-m", "trainer", "train", *train_args)
+    command = launch_command(cfg, train_args, dict(os.environ), nnodes)
     os.execve(command[0], command, restart_safe(dict(os.environ)))

@@ -3,7 +3,7 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Release-qualified name; short enough that "<name>-<index>" pod hostnames stay valid. */}}
+{{/* Release-qualified name; short enough that "<name>-workers-<job>-<index>" pod hostnames stay valid. */}}
 {{- define "fsdp-train.fullname" -}}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
@@ -14,33 +14,81 @@
 {{- end }}
 {{- end }}
 
+{{/* Chart name and version, as the helm.sh/chart label wants them. */}}
 {{- define "fsdp-train.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Labels that select this release's pods; never change them on upgrade (selectors are immutable). */}}
 {{- define "fsdp-train.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "fsdp-train.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Labels of every object: the standard set plus commonLabels. */}}
 {{- define "fsdp-train.labels" -}}
 helm.sh/chart: {{ include "fsdp-train.chart" . }}
 {{ include "fsdp-train.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
-{{/* Headless Service giving each Indexed Job pod a stable DNS name. */}}
+{{/* An object's metadata.annotations block: commonAnnotations merged with (dict "extra" ...); nothing when both are empty. */}}
+{{- define "fsdp-train.annotations" -}}
+{{- $all := merge (deepCopy (.extra | default dict)) (.root.Values.commonAnnotations | default dict) }}
+{{- with $all }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The metadata every top-level object shares: name, labels and annotations. Pass (dict "root" $ "name" ... "labels" (dict) "annotations" (dict)). */}}
+{{- define "fsdp-train.metadata" -}}
+name: {{ .name | default (include "fsdp-train.fullname" .root) }}
+labels:
+  {{- include "fsdp-train.labels" .root | nindent 2 }}
+  {{- with .labels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- include "fsdp-train.annotations" (dict "root" .root "extra" .annotations) }}
+{{- end }}
+
+{{/* Headless Service giving each Indexed Job pod a stable DNS name (IndexedJob only; JobSet makes its own). */}}
 {{- define "fsdp-train.serviceName" -}}
 {{- printf "%s-workers" (include "fsdp-train.fullname" .) }}
 {{- end }}
 
+{{/* Claim holding the checkpoints: the existing one, else the one this chart creates. */}}
 {{- define "fsdp-train.claimName" -}}
 {{- default (printf "%s-checkpoints" (include "fsdp-train.fullname" .)) .Values.checkpoint.pvc.existingClaim }}
 {{- end }}
 
+{{/* ServiceAccount of the pods: the named one, else the created one, else the namespace's default. */}}
+{{- define "fsdp-train.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fsdp-train.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* registry/repository@digest, or registry/repository:tag (tag defaults to the chart's appVersion). */}}
 {{- define "fsdp-train.image" -}}
-{{- printf "%s:%s" .Values.image.repository (toString .Values.image.tag) }}
+{{- $image := .Values.image }}
+{{- $repository := ternary (printf "%s/%s" $image.registry $image.repository) $image.repository (ne $image.registry "") }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (toString (default .Chart.AppVersion $image.tag)) }}
+{{- end }}
+{{- end }}
+
+{{/* The trainer's shutdown_grace, with the trainer's own default (TrainConfig.shutdown_grace) when unset. */}}
+{{- define "fsdp-train.shutdownGrace" -}}
+{{- .Values.trainer.shutdown_grace | default 25 }}
 {{- end }}
 
 {{/* Cross-field rules that values.schema.json cannot express. */}}
@@ -58,6 +106,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if hasKey .Values.trainer "checkpoint_dir" }}
 {{- fail "trainer.checkpoint_dir is set by checkpoint.dir; remove it from trainer" }}
 {{- end }}
+{{- if and .Values.kueue.queueName (eq .Values.workload.kind "PyTorchJob") }}
+{{- fail "kueue.queueName cannot be used with workload.kind=PyTorchJob: Kueue no longer enables its kubeflow.org/pytorchjob integration by default (Kubeflow Trainer v1 is deprecated there); use workload.kind=TrainJob, JobSet or IndexedJob" }}
+{{- end }}
+{{- $grace := float64 (include "fsdp-train.shutdownGrace" .) }}
+{{- $needed := int (ceil (addf $grace 10)) }}
+{{- if lt (int .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least trainer.shutdown_grace (%v) + 10 = %v: torchrun waits the grace + 5 s for the emergency checkpoint and needs up to 5 s to exit; raise terminationGracePeriodSeconds or lower trainer.shutdown_grace" .Values.terminationGracePeriodSeconds $grace $needed) }}
+{{- end }}
 {{- end }}
 
 {{/* The trainer's config file (ConfigMap content). */}}
@@ -69,19 +125,143 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toYaml $config }}
 {{- end }}
 
-{{/* The worker pod spec shared by both workload kinds; pass (dict "root" $ "containerName" "...") */}}
+{{/* The workload's Kueue queue label, when kueue.queueName is set (a dict, for the metadata helper). */}}
+{{- define "fsdp-train.kueueLabels" -}}
+{{- if .Values.kueue.queueName }}
+{{- toYaml (dict "kueue.x-k8s.io/queue-name" .Values.kueue.queueName) }}
+{{- else }}
+{{- toYaml dict }}
+{{- end }}
+{{- end }}
+
+{{/*
+`suspend:` of a Kueue-managed workload. A new one starts suspended, for Kueue to admit. An existing
+one keeps the value it has now: rendering `true` on every upgrade would patch an admitted, running
+workload back to suspended (helm's three-way merge), and leaving it out would unsuspend a queued one.
+Pass (dict "root" $ "apiVersion" ... "kind" ...). Nothing without Kueue.
+*/}}
+{{- define "fsdp-train.suspend" -}}
+{{- $root := .root }}
+{{- if $root.Values.kueue.queueName }}
+{{- $live := lookup .apiVersion .kind $root.Release.Namespace (include "fsdp-train.fullname" $root) }}
+{{- if and $live $live.spec (hasKey $live.spec "suspend") }}
+suspend: {{ $live.spec.suspend }}
+{{- else }}
+suspend: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+PET_* rendezvous settings for torchrun. `host` is the first pod's DNS name, which hosts the c10d
+store. Pass (dict "root" $ "host" "..." "nnodes" true|false); without nnodes the range is given
+another way (TrainJob: `launch --nnodes`, because Kubeflow Trainer overwrites PET_NNODES).
+*/}}
+{{- define "fsdp-train.rendezvousEnv" -}}
+{{- $v := .root.Values }}
+{{- if .nnodes }}
+- name: PET_NNODES
+  value: {{ printf "%v:%v" $v.elastic.minReplicas $v.elastic.maxReplicas | quote }}
+{{- end }}
+- name: PET_RDZV_BACKEND
+  value: c10d
+- name: PET_RDZV_ENDPOINT
+  value: {{ printf "%s:%v" .host $v.elastic.rendezvousPort | quote }}
+- name: PET_RDZV_ID
+  value: {{ include "fsdp-train.fullname" .root | quote }}
+- name: PET_MAX_RESTARTS
+  value: {{ $v.elastic.maxRestarts | quote }}
+- name: PET_RDZV_CONF
+  value: {{ printf "last_call_timeout=%v" $v.elastic.lastCallTimeout | quote }}
+{{- end }}
+
+{{/*
+The Job spec every Job-based kind shares (IndexedJob directly; JobSet and TrainingRuntime as their
+replicated Job): backoff, failure policy and the pod template, none of which depends on `replicas`.
+Pass the pod spec's arguments; the pods never restart in place (restartPolicy Never), the Job replaces them.
+*/}}
+{{- define "fsdp-train.jobSpec" -}}
+{{- $v := .root.Values -}}
+completionMode: Indexed
+backoffLimit: {{ $v.workload.backoffLimit }}
+podFailurePolicy:
+  rules:
+    # Evicted, preempted or drained pods are replaced without using up backoffLimit.
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+    # Exit code 2 is a rejected config or command line (one line in the pod log): retrying cannot help.
+    - action: FailJob
+      onExitCodes:
+        containerName: {{ .containerName }}
+        operator: In
+        values: [2]
+template:
+  {{- include "fsdp-train.podTemplate" (merge (dict "restartPolicy" "Never") .) | nindent 2 }}
+{{- end }}
+
+{{/* The worker pod template: labels, annotations and the shared pod spec. Same arguments as the pod spec. */}}
+{{- define "fsdp-train.podTemplate" -}}
+{{- $v := .root.Values -}}
+metadata:
+  labels:
+    {{- include "fsdp-train.selectorLabels" .root | nindent 4 }}
+    app.kubernetes.io/component: worker
+    {{- with $v.commonLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with merge (deepCopy ($v.podAnnotations | default dict)) ($v.commonAnnotations | default dict) }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- include "fsdp-train.podSpec" . | trim | nindent 2 }}
+{{- end }}
+
+{{/* The scheduling and security part of every pod spec (workers and the helm test pod). */}}
+{{- define "fsdp-train.podSecurityAndScheduling" -}}
+{{- $v := .Values -}}
+automountServiceAccountToken: {{ $v.serviceAccount.automountToken }}
+{{- if or $v.serviceAccount.create $v.serviceAccount.name }}
+serviceAccountName: {{ include "fsdp-train.serviceAccountName" . }}
+{{- end }}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker pod spec shared by all four workload kinds. Pass (dict "root" $ "containerName" "..."
+"rendezvousEnv" (rendered env items, may be empty) "args" (extra launch flags, may be empty)
+"restartPolicy" (Never for the Job-based kinds; PyTorchJob sets its own) "subdomain" (IndexedJob's
+headless Service; JobSet sets its own)).
+*/}}
 {{- define "fsdp-train.podSpec" -}}
 {{- $root := .root }}
 {{- $v := $root.Values -}}
-automountServiceAccountToken: false
+{{- with .restartPolicy }}
+restartPolicy: {{ . }}
+{{- end }}
+{{- with .subdomain }}
+subdomain: {{ . }}
+{{- end }}
+{{ include "fsdp-train.podSecurityAndScheduling" $root }}
 terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
-securityContext:
-  runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
-  fsGroup: 10001
-  seccompProfile:
-    type: RuntimeDefault
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $v.schedulerName }}
+schedulerName: {{ . }}
+{{- end }}
 {{- with $v.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -94,19 +274,24 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 containers:
   - name: {{ .containerName }}
     image: {{ include "fsdp-train.image" $root | quote }}
     imagePullPolicy: {{ $v.image.pullPolicy }}
     command: ["fsdp-train", "launch"]
-    args: ["--config", "/etc/fsdp-train/config.yaml"]
+    args:
+      {{- toYaml (concat (.args | default list) (list "--config" "/etc/fsdp-train/config.yaml")) | nindent 6 }}
     env:
       - name: FSDP_TRAIN_RUN_ID
         value: {{ printf "%s-%s" $root.Release.Namespace (include "fsdp-train.fullname" $root) | quote }}
       - name: PET_NPROC_PER_NODE
         value: {{ $v.nprocPerNode | quote }}
-      {{- with .extraEnv }}
-      {{- toYaml . | nindent 6 }}
+      {{- with .rendezvousEnv }}
+      {{- . | trim | nindent 6 }}
       {{- end }}
       - name: HOME
         value: /tmp
@@ -115,12 +300,11 @@ containers:
     ports:
       - name: rendezvous
         containerPort: {{ $v.elastic.rendezvousPort }}
+        protocol: TCP
+    {{- with $v.containerSecurityContext }}
     securityContext:
-      allowPrivilegeEscalation: false
-      readOnlyRootFilesystem: true
-      runAsNonRoot: true
-      capabilities:
-        drop: ["ALL"]
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     {{- $resources := deepCopy ($v.resources | default dict) }}
     {{- if $v.gpu.enabled }}
     {{- $limits := merge (dict "nvidia.com/gpu" (toString (int $v.nprocPerNode))) ($resources.limits | default dict) }}
