@@ -388,7 +388,7 @@ def test_readme_values_table_is_generated_from_values_yaml(tmp_path):
     assert proc.returncode == 0, proc.stderr
     values = (CHART / "values.yaml").read_text()
     drifted = tmp_path / "values.yaml"
-    drifted.write_text(values.replace("# -- Save a checkpoint every K steps.", "# -- Save every K steps."))
+    drifted.write_text(values.replace("# -- Save a checkpoint every K steps", "# -- Save every K steps"))
     proc = subprocess.run([*check, "--values", str(drifted)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "run `make values-table`" in proc.stderr
     undocumented = tmp_path / "undocumented.yaml"

@@ -46,7 +46,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed for init and data; randomness comes from (seed, step), never rank")
     # Checkpointing.
     checkpoint_dir: str = _opt("./checkpoints", "shared directory for DCP checkpoints, metrics and the job lock")
-    checkpoint_every: int = _opt(10, "save a checkpoint every K steps (and always at the end)")
+    checkpoint_every: int | str = _opt(10, "save a checkpoint every K steps (and always at the end), or auto: the "
+                                       "Young/Daly interval from the measured save cost and this job's failures")
+    expected_mtbf: float = _opt(3600.0, "with --checkpoint-every auto: the seconds between failures to expect "
+                                "before any are seen (the job's own failures refine it)")
     checkpoint_first_step: bool = _opt(False, "also save (and read back) right after step 1, so broken storage "
                                        "fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
@@ -79,10 +82,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ["vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "ffn_mult",
-                    "global_batch_size", "checkpoint_every", "keep_last", "log_every"]
+                    "global_batch_size", "keep_last", "log_every"]
+        if self.checkpoint_every != AUTO:
+            positive.append("checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        if self.expected_mtbf <= 0:
+            raise UserError(f"--expected-mtbf must be > 0 seconds (got {self.expected_mtbf})")
         if self.max_steps < 0:
             raise UserError(f"--max-steps must be >= 0 (got {self.max_steps})")
         if self.lr <= 0:
@@ -106,8 +113,23 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+AUTO = "auto"
+
+
+def int_or_auto(raw: Any) -> int | str:
+    """A step count, or ``auto`` (the setting chooses itself)."""
+    if isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(raw, float) or (isinstance(raw, str) and not raw.strip().lstrip("-").isdigit()):
+        raise ValueError(raw)
+    return int(raw)
+
+
+int_or_auto.type_name = "step count or 'auto'"  # type: ignore[attr-defined]
+
+
 def _field_types() -> dict[str, type]:
-    types = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str}
+    types = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str, "int | str": int_or_auto}
     return {f.name: types[str(f.type)] for f in fields(TrainConfig)}
 
 
@@ -126,8 +148,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=argparse.SUPPRESS,
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=_for_argparse(kind), default=argparse.SUPPRESS,
                                 choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
+
+
+def _for_argparse(kind: Any) -> Any:
+    """argparse names a plain type in its message; a parse function gets its own wording."""
+    if not hasattr(kind, "type_name"):
+        return kind
+
+    def parse(raw: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.type_name} (got {raw!r})") from None
+
+    return parse
 
 
 def setting_choices(name: str) -> tuple[str, ...]:
@@ -153,7 +189,8 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             raise ValueError(raw)
         return kind(raw)
     except (TypeError, ValueError):
-        raise UserError(f"{source}: {name}={raw!r} is not a valid {kind.__name__}") from None
+        kind_name = getattr(kind, "type_name", kind.__name__)
+        raise UserError(f"{source}: {name}={raw!r} is not a valid {kind_name}") from None
 
 
 def _from_yaml(path: str) -> dict[str, Any]:

@@ -8,11 +8,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from trainer.checkpoint.app_state import STATE_KEY, AppState
 from trainer.checkpoint.failures import root_cause
+from trainer.checkpoint.interval import AutoInterval, FailureHistory, FixedInterval
 from trainer.checkpoint.layout import delete_step_dir, step_dir
 from trainer.checkpoint.marker import CommitMarker, Lineage, SaveReason
 from trainer.checkpoint.planner import new_save_planner
@@ -26,6 +29,7 @@ from trainer.checkpoint.storage import CommittingWriter, new_storage_writer
 from trainer.checkpoint.writer_client import WriterClient, WriterProcessDied, start_on_every_rank
 from trainer.distributed import Runtime
 from trainer.errors import UserError
+from trainer.metrics import read_metrics
 
 log = logging.getLogger("fsdp_train")
 
@@ -35,7 +39,8 @@ class CheckpointManager:
 
     The trainer calls ``start`` once (resume, then get the writers ready), ``maybe_save`` after
     every step, ``save_preempted`` when the job is told to stop, and ``close``. The policy:
-    - a periodic save every ``every`` steps, asynchronous unless the mode is ``sync``: the state
+    - a periodic save every ``every`` steps (or when ``interval.AutoInterval`` says, for ``auto``),
+      asynchronous unless the mode is ``sync``: the state
       is staged into reusable host buffers (the only blocking part) and written by the save
       thread, or by the writer process it hands the save to; at most one is in flight;
     - with ``first_step``, a synchronous save right after step 1, read back at once;
@@ -63,6 +68,8 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self.start_phases: dict[str, float | dict[str, float]] = {}
         self._writers_ready: Future | None = None  # the writer processes' start, on the save thread
+        self.interval: FixedInterval | AutoInterval = FixedInterval(settings.every or 1)
+        self._left_maybe_save: float | None = None  # when the last maybe_save returned: a step runs after it
 
     @property
     def root(self) -> Path:
@@ -81,6 +88,9 @@ class CheckpointManager:
         self.resumed = resume(self.settings, self.rt, self.app_state, self.identity.shape)
         if self.resumed is not None:
             self._last_saved_step = self.resumed.info.step
+        if self.settings.every is None:
+            self.interval = AutoInterval(self.settings.expected_mtbf, FailureHistory.from_records(
+                read_metrics(self.root), time.time()), self._agree_max, announce=self.rt.is_primary)
         resumed_at = time.perf_counter()
         self._start_writers()
         self.start_phases = {"restore": resumed_at - started, "writer_start": time.perf_counter() - resumed_at,
@@ -114,13 +124,27 @@ class CheckpointManager:
     # ---- the save policy ----------------------------------------------------------------
     def maybe_save(self, step: int, loss: float | None, *, final: bool = False) -> None:
         """Save after ``step`` if the policy says so; ``final`` marks the run's last step."""
+        entered = time.perf_counter()
+        if self._left_maybe_save is not None:
+            writing = self._pending is not None and not self._pending.done()
+            self.interval.step_finished(entered - self._left_maybe_save, writing=writing)
         if step == 1 and self.settings.first_step:
             self.save(step, loss, SaveReason.FIRST_STEP, blocking=True)
             verify_readable(self.rt, self.root, step)
         elif final:
             self.save(step, loss, SaveReason.FINAL, blocking=True)
-        elif step % self.settings.every == 0:
+        elif self.interval.due(step, self._last_saved_step):
             self.save(step, loss, SaveReason.PERIODIC, blocking=False)
+            self.interval.saved(step, time.perf_counter() - entered)
+        self._left_maybe_save = time.perf_counter()
+
+    def _agree_max(self, values: tuple[float, ...]) -> tuple[float, ...]:
+        """The maximum of ``values`` over all ranks, so every rank makes the same interval choice."""
+        if not dist.is_initialized():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # the training group: the save thread uses the other
+        return tuple(tensor.tolist())
 
     def save_preempted(self, step: int, loss: float | None) -> None:
         """The emergency save after a stop request: synchronous, of the last completed step."""

@@ -24,19 +24,21 @@ class WriterKind(str, Enum):
 @dataclass(frozen=True)
 class CheckpointSettings:
     directory: Path
-    every: int  # save every K steps
+    every: int | None  # save every K steps; None: auto (Young/Daly, see interval.py)
     first_step: bool  # also save right after step 1, then read it back
     mode: SaveMode
     writer: WriterKind
     keep_last: int
     resume_from: str | None  # a step number or a checkpoint path; None: the newest committed
     no_resume: bool
+    expected_mtbf: float = 3600.0  # auto's prior: seconds between failures before any are seen
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> CheckpointSettings:
-        return cls(Path(cfg.checkpoint_dir), cfg.checkpoint_every, cfg.checkpoint_first_step,
+        every = None if cfg.checkpoint_every == "auto" else int(cfg.checkpoint_every)
+        return cls(Path(cfg.checkpoint_dir), every, cfg.checkpoint_first_step,
                    SaveMode(cfg.checkpoint_mode), WriterKind(cfg.checkpoint_writer), cfg.keep_last,
-                   cfg.resume_from, cfg.no_resume)
+                   cfg.resume_from, cfg.no_resume, cfg.expected_mtbf)
 
 
 @dataclass(frozen=True)
