@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.jobs import worker_pids  # noqa: F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
 TIMEOUT = 300
@@ -120,24 +122,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def worker_pids(marker: str) -> dict[int, int]:
-    """{rank: pid} of trainer workers whose command line contains ``marker`` (e.g. the checkpoint dir)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"train" not in cmdline or marker.encode() not in cmdline:
-                continue
-            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
-        except OSError:
-            continue
-        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
-            found[int(env[b"RANK"])] = int(proc.name)
-    return found
 
 
 def step_records(ckpt: Path) -> list[dict]:

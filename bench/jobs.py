@@ -1,0 +1,117 @@
+"""Running a local job from a benchmark (or a test) and reading what happened to it.
+
+Shared by ``bench.recovery``, ``bench.goodput`` and the tests: the worker processes of a job,
+its start records, and the moments torchrun's agent logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.metrics import read_metrics
+
+# torchrun's agent logs in glog format: "W1201 12:52:04.129000 3972 .../api.py:1028] message"
+AGENT_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+ (\S+)\] (.*)$")
+# what the agent logs when it acts on a failed worker group: it stops the rest, or reports the failure
+AGENT_REACTS = ("closing signal", "failed (exitcode")
+
+
+def worker_pids(marker: str) -> dict[int, int]:
+    """{rank: pid} of trainer workers whose command line contains ``marker`` (e.g. the checkpoint dir)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"train" not in cmdline or marker.encode() not in cmdline:
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def records(checkpoint_dir: Path, event: str) -> list[dict[str, Any]]:
+    return [record for record in read_metrics(checkpoint_dir) if record.get("event") == event]
+
+
+def last_step(checkpoint_dir: Path) -> int:
+    steps = records(checkpoint_dir, "step")
+    return steps[-1]["step"] if steps else 0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def agent_events(log: Path, since: float) -> list[tuple[float, str]]:
+    """(wall time, message) of torchrun agent log lines at or after ``since``."""
+    year = dt.datetime.fromtimestamp(since).year
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = AGENT_LINE.match(line)
+        if not match:
+            continue
+        month, day, hour, minute, second, micro = (int(part) for part in match.groups()[:6])
+        when = dt.datetime(year, month, day, hour, minute, second, micro).timestamp()
+        if when >= since - 0.001:  # glog truncates to milliseconds here
+            found.append((when, match.group(8)))
+    return found
+
+
+def spawn_time(start: dict[str, Any]) -> float:
+    """When the processes of a start were spawned: its record is written after the first step, and
+    its phases (from ``process_start``) add up to the time since."""
+    phases = start.get("phases") or {}
+    return start["time"] - sum(value for value in phases.values() if isinstance(value, (int, float)))
+
+
+class LocalJob:
+    """``fsdp-train local`` in the background, its own session, output to ``log``."""
+
+    def __init__(self, checkpoint_dir: Path, log: Path, *flags: str) -> None:
+        self.dir, self.log = checkpoint_dir, log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "local", *flags,
+                                          "--checkpoint-dir", str(checkpoint_dir)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def workers(self) -> dict[int, int]:
+        return worker_pids(str(self.dir))
+
+    def stop(self, timeout: float = 90) -> int:
+        """SIGTERM (an emergency checkpoint, then exit 0), SIGKILL of the session if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()

@@ -1,0 +1,166 @@
+"""Where the seconds of a recovery go, per failure kind, at `make train` size on this machine.
+
+``python -m bench.recovery [--repeats 5] [--json FILE]`` runs ``fsdp-train local`` (2 workers,
+configs/local.yaml) and injects each event ``--repeats`` times:
+
+1. ``kill-one``: SIGKILL of one worker (torchrun restarts the group in place);
+2. ``kill-all``: SIGKILL of every worker (the agent lives);
+3. ``stop-one``: SIGSTOP of one worker, a hang (``--collective-timeout`` bounds it);
+4. ``term-job``: SIGTERM to the job (emergency checkpoint, exit), then a fresh ``local`` start.
+
+For each it prints the median and max of:
+- detection: the event to the agent's first reaction in its log (it stops the group, or reports
+  the failure); for ``term-job`` the signal itself is the notice (0);
+- stop: from there to the spawn of the new workers (the old ones stopped, the new rendezvous);
+  for ``term-job``, to the old job's exit (its emergency checkpoint included) and the new launch;
+- restart: spawn to the end of the first step after it (the start record's phases);
+- total: the event to the end of that first step;
+- steps lost: completed steps that were redone.
+Then the median of each start-up phase, so what to cut next is read off, not guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.jobs import AGENT_REACTS, LocalJob, agent_events, last_step, records, spawn_time, wait_for
+from trainer.monitor import PHASE_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("kill-one", "kill-all", "stop-one", "term-job")
+STEPS_BETWEEN = 15  # steps trained between two events: past the restart's warm-up
+FIGURES = ("detection_s", "stop_s", "restart_s", "total_s", "steps_lost")
+
+
+def job_flags(args: argparse.Namespace) -> list[str]:
+    return ["--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"), "--max-steps", str(10**6),
+            "--no-progress", "--max-restarts", str(10 * args.repeats), "--collective-timeout",
+            str(args.collective_timeout), *args.extra]
+
+
+def wait_for_new_start(job: LocalJob, starts_before: int, timeout: float) -> dict[str, Any]:
+    def newer():
+        if job.proc.poll() is not None:
+            raise RuntimeError(f"the job exited ({job.proc.returncode}); see {job.log}")
+        starts = records(job.dir, "start")
+        return starts[-1] if len(starts) > starts_before else None
+
+    return wait_for(newer, timeout, "the first step after the event")
+
+
+def measure(event: float, start: dict[str, Any], detected: float) -> dict[str, float]:
+    spawned = spawn_time(start)
+    return {"detection_s": detected - event, "stop_s": spawned - detected, "restart_s": start["time"] - spawned,
+            "total_s": start["time"] - event, "steps_lost": start["recovered_from"].get("steps_lost", 0),
+            "phases": start["phases"]}
+
+
+def in_place(job: LocalJob, scenario: str, args: argparse.Namespace) -> dict[str, float]:
+    """One event the agent recovers from in place; returns its breakdown."""
+    reached = last_step(job.dir)
+    wait_for(lambda: last_step(job.dir) >= reached + STEPS_BETWEEN, 300, f"{STEPS_BETWEEN} steps")
+    starts = len(records(job.dir, "start"))
+    workers = wait_for(lambda: (w := job.workers()) and len(w) == 2 and w, 60, "two workers")
+    targets = list(workers.values()) if scenario == "kill-all" else [workers[1]]
+    sig = signal.SIGSTOP if scenario == "stop-one" else signal.SIGKILL
+    event = time.time()
+    for pid in targets:
+        os.kill(pid, sig)
+    start = wait_for_new_start(job, starts, timeout=args.collective_timeout + 180)
+    reactions = [when for when, message in agent_events(job.log, event)
+                 if any(reaction in message for reaction in AGENT_REACTS)]
+    return measure(event, start, reactions[0] if reactions else spawn_time(start))
+
+
+def fresh_start(work: Path, args: argparse.Namespace, index: int) -> dict[str, float]:
+    """SIGTERM to a running job, then the same job started again."""
+    job = LocalJob(work, work / f"term-{index}.log", *job_flags(args))
+    try:
+        reached = last_step(work)
+        wait_for(lambda: last_step(work) >= reached + STEPS_BETWEEN, 300, "training to go on")
+        starts = len(records(work, "start"))
+        event = time.time()
+        code = job.stop()
+        if code != 0:
+            raise RuntimeError(f"SIGTERM: the job exited {code}; see {job.log}")
+    finally:
+        job.kill()
+    relaunched = time.time()
+    again = LocalJob(work, work / f"term-{index}-again.log", *job_flags(args))
+    try:
+        start = wait_for_new_start(again, starts, timeout=300)
+    finally:
+        again.stop()
+    figures = measure(event, start, event)
+    figures["stop_s"] = relaunched - event  # the emergency checkpoint and the exit
+    figures["restart_s"] = start["time"] - relaunched  # a new `local`: its preflight, torchrun, the workers
+    return figures
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+        for scenario in args.scenarios:
+            work = Path(tmp) / scenario
+            samples = []
+            if scenario == "term-job":
+                work.mkdir()
+                samples = [fresh_start(work, args, index) for index in range(args.repeats)]
+            else:
+                job = LocalJob(work, Path(tmp) / f"{scenario}.log", *job_flags(args))
+                try:
+                    wait_for(lambda w=work: last_step(w) >= 5, 300, "training to start")
+                    samples = [in_place(job, scenario, args) for _ in range(args.repeats)]
+                finally:
+                    job.stop()
+            results[scenario] = summarise(samples)
+            print_row(scenario, results[scenario])
+    return results
+
+
+def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"samples": samples}
+    for figure in FIGURES:
+        values = [sample[figure] for sample in samples]
+        summary[figure] = {"median": statistics.median(values), "max": max(values)}
+    summary["phases_median"] = {name: statistics.median(sample["phases"][name] for sample in samples)
+                                for name in PHASE_NAMES if all(name in sample["phases"] for sample in samples)}
+    return summary
+
+
+def print_row(scenario: str, summary: dict[str, Any]) -> None:
+    cells = "  ".join(f"{name.removesuffix('_s'):>10} {summary[name]['median']:6.2f} / {summary[name]['max']:6.2f}"
+                      for name in FIGURES)
+    phases = ", ".join(f"{name} {value:.2f}" for name, value in summary["phases_median"].items())
+    print(f"{scenario:9} (median / max, s)  {cells}\n{'':9} restart phases (median, s): {phases}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="events per scenario (default 5)")
+    parser.add_argument("--scenarios", type=lambda text: text.split(","), default=list(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--collective-timeout", type=float, default=10.0,
+                        help="the job's --collective-timeout: what bounds a hang (default 10)")
+    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.add_argument("extra", nargs="*", help="more flags for the job (after --)")
+    args = parser.parse_args(argv)
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+    results = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
