@@ -39,9 +39,11 @@ lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict (every c
 values-table: install ## regenerate README's chart values table from helm/fsdp-train/values.yaml
 	$(BIN)/python hack/values_table.py
 
-bench: install ## checkpoint benchmark (1.5 GB state, 2 ranks) and the training-overhead benchmark
+bench: install ## checkpoint (1.5 GB, 2 ranks), training overhead, recovery breakdown, goodput under kills (~30 min)
 	$(BIN)/python -m bench.checkpoint --json bench-checkpoint.json
 	$(BIN)/python -m bench.overhead --json bench-overhead.json
+	$(BIN)/python -m bench.recovery --json bench-recovery.json
+	$(BIN)/python -m bench.goodput --minutes 3 --json bench-goodput.json
 
 image: install ## build IMAGE (public base, or offline: local debootstrap base + host wheelhouse)
 	hack/image.sh $(IMAGE)

@@ -62,11 +62,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def agent_events(log: Path, since: float) -> list[tuple[float, str]]:
-    """(wall time, message) of torchrun agent log lines at or after ``since``."""
+def agent_events(log: str, since: float) -> list[tuple[float, str]]:
+    """(wall time, message) of torchrun agent log lines (in the text ``log``) at or after ``since``."""
     year = dt.datetime.fromtimestamp(since).year
     found = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in log.splitlines():
         match = AGENT_LINE.match(line)
         if not match:
             continue
@@ -84,6 +84,24 @@ def spawn_time(start: dict[str, Any]) -> float:
     return start["time"] - sum(value for value in phases.values() if isinstance(value, (int, float)))
 
 
+def first_reaction(log: str, since: float) -> float | None:
+    """When torchrun's agent first acted on a failure after ``since`` (it stops the group, or
+    reports a failed worker), from its log."""
+    return next((when for when, message in agent_events(log, since)
+                 if any(reaction in message for reaction in AGENT_REACTS)), None)
+
+
+def breakdown(event: float, start: dict[str, Any], reacted: float | None) -> dict[str, Any]:
+    """Where the seconds from ``event`` to the end of the first step after it went: detection (to
+    the agent's reaction), stop (to the new workers' spawn), restart (to the end of their first
+    step), total; with the steps lost and the restart's phases."""
+    spawned = spawn_time(start)
+    reacted = spawned if reacted is None else reacted
+    return {"detection_s": reacted - event, "stop_s": spawned - reacted, "restart_s": start["time"] - spawned,
+            "total_s": start["time"] - event, "steps_lost": (start.get("recovered_from") or {}).get("steps_lost", 0),
+            "phases": start.get("phases") or {}}
+
+
 class LocalJob:
     """``fsdp-train local`` in the background, its own session, output to ``log``."""
 
@@ -94,6 +112,13 @@ class LocalJob:
                                           "--checkpoint-dir", str(checkpoint_dir)],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @staticmethod
+    def kill_pid(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # it died by itself meanwhile
+            pass
 
     def workers(self) -> dict[int, int]:
         return worker_pids(str(self.dir))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import AGENT_REACTS, LocalJob, agent_events, last_step, records, spawn_time, wait_for
+from bench.jobs import LocalJob, breakdown, first_reaction, last_step, records, wait_for
 from trainer.monitor import PHASE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +56,6 @@ def wait_for_new_start(job: LocalJob, starts_before: int, timeout: float) -> dic
     return wait_for(newer, timeout, "the first step after the event")
 
 
-def measure(event: float, start: dict[str, Any], detected: float) -> dict[str, float]:
-    spawned = spawn_time(start)
-    return {"detection_s": detected - event, "stop_s": spawned - detected, "restart_s": start["time"] - spawned,
-            "total_s": start["time"] - event, "steps_lost": start["recovered_from"].get("steps_lost", 0),
-            "phases": start["phases"]}
-
-
 def in_place(job: LocalJob, scenario: str, args: argparse.Namespace) -> dict[str, float]:
     """One event the agent recovers from in place; returns its breakdown."""
     reached = last_step(job.dir)
@@ -75,9 +68,7 @@ def in_place(job: LocalJob, scenario: str, args: argparse.Namespace) -> dict[str
     for pid in targets:
         os.kill(pid, sig)
     start = wait_for_new_start(job, starts, timeout=args.collective_timeout + 180)
-    reactions = [when for when, message in agent_events(job.log, event)
-                 if any(reaction in message for reaction in AGENT_REACTS)]
-    return measure(event, start, reactions[0] if reactions else spawn_time(start))
+    return breakdown(event, start, first_reaction(job.log.read_text(errors="replace"), event))
 
 
 def fresh_start(work: Path, args: argparse.Namespace, index: int) -> dict[str, float]:
@@ -99,7 +90,7 @@ def fresh_start(work: Path, args: argparse.Namespace, index: int) -> dict[str, f
         start = wait_for_new_start(again, starts, timeout=300)
     finally:
         again.stop()
-    figures = measure(event, start, event)
+    figures = breakdown(event, start, event)
     figures["stop_s"] = relaunched - event  # the emergency checkpoint and the exit
     figures["restart_s"] = start["time"] - relaunched  # a new `local`: its preflight, torchrun, the workers
     return figures

@@ -47,3 +47,36 @@ def test_overhead_bench_reports_the_slowdown(tmp_path: Path) -> None:
     assert result["pairs"] == 1 and set(result["block_seconds"]) == {"none", "every_10"}
     assert all(rate > 0 for rate in result["steps_per_s"].values())
     assert "slowdown" in proc.stdout and "target <= 2%" in proc.stdout
+
+
+TINY_JOB = ["--", "--model", "transformer", "--vocab-size", "50", "--d-model", "24", "--n-layers", "2",
+            "--n-heads", "4", "--seq-len", "12", "--global-batch-size", "8"]
+
+
+def test_recovery_bench_breaks_each_recovery_down(tmp_path: Path) -> None:
+    out = tmp_path / "recovery.json"
+    proc = run_python("-m", "bench.recovery", "--repeats", "1", "--scenarios", "kill-one,term-job",
+                      "--json", str(out), *TINY_JOB, "--checkpoint-every", "5", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"kill-one", "term-job"}
+    for scenario, summary in results.items():
+        parts = [summary[name]["median"] for name in ("detection_s", "stop_s", "restart_s")]
+        assert all(part >= 0 for part in parts), (scenario, summary)
+        assert sum(parts) == pytest.approx(summary["total_s"]["median"], abs=0.01), "the parts add up to the total"
+        assert {"process_start", "restore", "first_step"} <= set(summary["phases_median"])
+        assert scenario in proc.stdout
+    assert results["term-job"]["steps_lost"]["max"] == 0, "an emergency checkpoint loses nothing"
+
+
+def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
+    out = tmp_path / "goodput.json"
+    proc = run_python("-m", "bench.goodput", "--minutes", "0.3", "--kill-every", "6", "--intervals", "5",
+                      "--checkpoint-every", "auto", "--clean-seconds", "3", "--json", str(out), *TINY_JOB,
+                      timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["every"] for row in result["intervals"]] == ["5", "auto"]
+    assert 0 < result["goodput"] < 1 and result["failures"] >= 1
+    assert len(result["recovery_s"]) >= 1 and all(seconds > 0 for seconds in result["recovery_s"])
+    assert "auto" in proc.stdout and "best fixed" in proc.stdout

@@ -52,9 +52,9 @@ def test_frequent_failures_shorten_the_interval():
     calm = interval_after(0.5, history(failures=0, observed_s=600))
     stormy = interval_after(0.5, history(failures=10, observed_s=600))
     assert stormy < calm
-    # the figures: MTBF (600 + 3600) / 1 vs (600 + 3600) / 11, step 0.1 s, cost 0.5 s
+    # the figures: MTBF 600 + 3600 (no failure yet: the prior stands) vs 600 / 10, step 0.1 s, cost 0.5 s
     assert calm == round(math.sqrt(2 * 0.5 * 4200) / 0.1)
-    assert stormy == round(math.sqrt(2 * 0.5 * 4200 / 11) / 0.1)
+    assert stormy == round(math.sqrt(2 * 0.5 * 60) / 0.1)
 
 
 def test_expensive_saves_lengthen_the_interval():
@@ -91,7 +91,7 @@ def test_failures_come_from_the_start_records():
     found = FailureHistory.from_records(records, now=999.0)
     assert FailureHistory.from_records([], now=5.0).first_start == 5.0
     assert (found.failures, found.first_start) == (2, 100.0)
-    assert found.mtbf_s(found.observed_s(200.0), prior_s=300.0) == pytest.approx((100 + 300) / 3)
+    assert found.mtbf_s(found.observed_s(200.0), prior_s=300.0) == pytest.approx(100 / 2)
 
 
 @pytest.mark.torchrun

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from test_chart import by_kind, job_template, render
 
-from conftest import ROOT, last_step, run_cli, step_records
+from bench.jobs import breakdown, first_reaction
+from conftest import ROOT, last_step, run_cli, start_records, step_records
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.checkpoint.marker import CommitMarker, SaveReason
 from trainer.metrics import read_metrics
@@ -31,13 +32,15 @@ pytestmark = pytest.mark.docker
 IMAGE = "fsdp-train:0.1.0"
 MAX_STEPS = 1000
 EVERY = 20
+COLLECTIVE_TIMEOUT = 15  # what bounds a partitioned pod's hang
 TOLERANCE = 1e-5  # the trainer's resume-equivalence tolerance (tests/test_equivalence.py)
 VALUES = [f"image.repository={IMAGE.split(':')[0]}", f"image.tag={IMAGE.split(':')[1]}",
           f"checkpoint.every={EVERY}", "elastic.lastCallTimeout=5", "terminationGracePeriodSeconds=40",
           "trainer.model=transformer", "trainer.d_model=64", "trainer.n_layers=2", "trainer.n_heads=4",
           "trainer.seq_len=32", "trainer.vocab_size=64", "trainer.global_batch_size=12",
           f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1", "trainer.warmup_steps=10",
-          "trainer.shutdown_grace=25", "trainer.checkpoint_first_step=false"]
+          "trainer.shutdown_grace=25", "trainer.checkpoint_first_step=false",
+          f"trainer.collective_timeout={COLLECTIVE_TIMEOUT}"]
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -68,6 +71,7 @@ class FakeCluster:
         self.pvc.chmod(0o777)
         self.configmap.mkdir()
         self.containers: dict[int, str] = {}
+        self.cut_off: set[int] = set()  # pods disconnected from the network: they may exit
         docker("network", "create", self.network)
 
     def apply(self, replicas: int) -> dict:
@@ -122,6 +126,17 @@ class FakeCluster:
         docker(*args)
         self.containers[index] = name
 
+    def disconnect(self, index: int) -> None:
+        """A network partition: the pod keeps running, unreachable (only loopback is left)."""
+        self.cut_off.add(index)
+        docker("network", "disconnect", self.network, self.containers[index])
+
+    def replace_pod(self, index: int) -> None:
+        """The pod failed (or its node was drained): Kubernetes starts a new one for its index."""
+        docker("rm", "-f", self.containers[index], check=False)
+        self.cut_off.discard(index)
+        self.start_pod(index)
+
     def stop_pods(self, indices: list[int], signal_name: str) -> None:
         for index in indices:
             docker("kill", "-s", signal_name, self.containers[index], check=False)
@@ -130,8 +145,9 @@ class FakeCluster:
         return int(docker("wait", self.containers[index], timeout=timeout).stdout.strip())
 
     def exited(self) -> list[str]:
+        """Pods that exited, other than those cut off from the network (which may fail)."""
         names = docker("ps", "-a", "--filter", "status=exited", "--format", "{{.Names}}").stdout.split()
-        return [name for name in self.containers.values() if name in names]
+        return [name for index, name in self.containers.items() if name in names and index not in self.cut_off]
 
     def logs(self) -> str:
         return "\n".join(docker("logs", name, check=False).stderr for name in self.containers.values())
@@ -159,6 +175,12 @@ def first_step_after(pvc: Path, since: float, world_size: int | None = None) -> 
         if record["time"] > since and (world_size is None or record["world_size"] == world_size):
             return record
     return None
+
+
+def recovery(what: str, event: float, pvc: Path, cluster: FakeCluster, world_size: int) -> dict:
+    """The breakdown of the first start at ``world_size`` after ``event`` (bench.jobs.breakdown)."""
+    start = next(s for s in start_records(pvc) if s["time"] > event and s["world_size"] == world_size)
+    return {"event": what, **breakdown(event, start, first_reaction(cluster.logs(), event))}
 
 
 def newest_commit(pvc: Path) -> CommitMarker | None:
@@ -195,17 +217,16 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
                    "two checkpoints at world size 2", cluster)
         assert newest_commit(pvc).world_size == 2
 
-        # 2. helm upgrade --set replicas=3: the Job controller starts index 2
+        # 2. helm upgrade --set replicas=3: the Job controller starts index 2 (counted from its container's start)
         job = cluster.apply(3)
         assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (3, 3)
-        event = time.time()
         cluster.start_pod(2)
-        resumed = wait_until(lambda: first_step_after(pvc, event, world_size=3), 300, "training at world size 3",
-                             cluster)
+        event = time.time()
+        wait_until(lambda: first_step_after(pvc, event, world_size=3), 300, "training at world size 3", cluster)
         marker = wait_until(lambda: (m := newest_commit(pvc)) and m.world_size == 3 and m, 300,
                             "a checkpoint at world size 3", cluster)
         assert marker.resumed_from.world_size == 2, marker
-        summary.append(("scale 2->3", resumed["time"] - event, 0))
+        summary.append(recovery("scale 2->3", event, pvc, cluster, world_size=3))
 
         # 3. SIGKILL one worker pod mid-training; the Job controller replaces it
         wait_until(lambda: last_step(pvc) >= marker.step + 5, 120, "training to go on", cluster)
@@ -220,26 +241,38 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         lost = step_at_kill - (resumed["step"] - 1)
         assert resumed["step"] - 1 >= newest_before, "must resume from the newest committed checkpoint"
         assert lost <= EVERY, f"lost {lost} steps, more than one checkpoint interval"
-        summary.append(("SIGKILL pod 1", resumed["time"] - event, lost))
+        summary.append(recovery("SIGKILL pod 1, replaced", event, pvc, cluster, world_size=3))
 
-        # 4. a node drain: SIGTERM to every pod -> an emergency checkpoint is committed
+        # 4. pod 2 cut off from the network: the others' collectives time out and they go on without it
         wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
         event = time.time()
+        cluster.disconnect(2)
+        wait_until(lambda: first_step_after(pvc, event, world_size=2), COLLECTIVE_TIMEOUT + 120,
+                   "training on without the cut-off pod", cluster)
+        summary.append(recovery("pod 2 cut off", event, pvc, cluster, world_size=2))
+        # ... until it is replaced (Kubernetes does once the pod fails or its node is drained)
+        cluster.replace_pod(2)
+        event = time.time()
+        resumed = wait_until(lambda: first_step_after(pvc, event, world_size=3), 300,
+                             "training at world size 3 again", cluster)
+        summary.append(recovery("cut-off pod replaced", event, pvc, cluster, world_size=3))
+
+        # 5. a node drain: SIGTERM to every pod -> an emergency checkpoint is committed
+        wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
         cluster.stop_pods([0, 1, 2], "TERM")
         codes = [cluster.wait_exit(index, 60) for index in (0, 1, 2)]
         drained = newest_commit(pvc)
         assert drained.reason == SaveReason.PREEMPTED and drained.world_size == 3, drained
         assert drained.step == last_step(pvc), "the emergency checkpoint holds the last completed step"
-        summary.append(("drain (SIGTERM all)", 0.0, 0))
 
-        # 5. scale down to 1 and run to completion
+        # 6. scale down to 1 and run to completion
         cluster.apply(1)
-        event = time.time()
         cluster.start_pod(0)
+        event = time.time()
         assert cluster.wait_exit(0, 600) == 0, cluster.logs()[-4000:]
         resumed = first_step_after(pvc, event, world_size=1)
         assert resumed["step"] == drained.step + 1, "resumed right after the emergency checkpoint"
-        summary.append(("scale 3->1", resumed["time"] - event, 0))
+        summary.append(recovery("scale 3->1 after drain", event, pvc, cluster, world_size=1))
         final = newest_commit(pvc)
         assert final.step == MAX_STEPS and final.world_size == 1 and final.reason == SaveReason.FINAL
     finally:
@@ -252,7 +285,9 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     resumes = [r for r in read_metrics(pvc) if r.get("event") == "start" and r.get("resumed_from")]
     lines = [f"e2e-docker {kind} summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
              f"{len(resumes)} resumes, drain exit codes {codes}",
-             *(f"  {what:22} recovery {seconds:6.1f}s  steps lost {lost}" for what, seconds, lost in summary),
+             f"  {'event (seconds)':24} {'detect':>7} {'stop':>7} {'restart':>7} {'total':>7}  steps lost",
+             *(f"  {row['event']:24} {row['detection_s']:7.1f} {row['stop_s']:7.1f} {row['restart_s']:7.1f} "
+               f"{row['total_s']:7.1f}  {row['steps_lost']}" for row in summary),
              f"  final loss {loss:.7f} vs uninterrupted {ref_loss:.7f} (|diff| {abs(loss - ref_loss):.1e}, "
              f"tolerance {TOLERANCE:.0e})"]
     print("\n" + "\n".join(lines))
@@ -261,5 +296,8 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         {"kind": kind, "worlds": worlds, "resumes": len(resumes), "events": summary, "loss": loss,
          "reference_loss": ref_loss}))
     assert {1, 2, 3} <= set(worlds)
-    assert len(resumes) >= 3, "scaling up, the replaced pod and scaling down after the drain each resume"
+    assert len(resumes) >= 5, "scaling up, the replaced pods, the partition and the scale-down each resume"
+    partition = next(row for row in summary if row["event"] == "pod 2 cut off")
+    # the target is --collective-timeout + 35 s, reported above; what must hold is that the timeout bounds it
+    assert partition["total_s"] < COLLECTIVE_TIMEOUT + 90, partition
     assert abs(loss - ref_loss) <= TOLERANCE

@@ -92,6 +92,9 @@ def test_a_killed_worker_recovers_onto_the_uninterrupted_trajectory(tmp_path: Pa
     assert restart["resumed_from"]["step"] >= 10, "recovered from the newest checkpoint"
     recovered = restart["recovered_from"]
     assert recovered["cause"] == "failure" and recovered["last_step"] >= 12 and 0 <= recovered["steps_lost"] < 10
+    assert (recovered["signal"], recovered["exit_code"]) == ("SIGKILL", -9), "what the agent saw reaches the record"
+    assert recovered["failed_at"] <= restart["time"]
+    assert "fsdp-train: worker local_rank 1 failed (signal SIGKILL)" in log.read_text()
     assert step_records(killed)[-1]["loss"] == pytest.approx(step_records(reference)[-1]["loss"], abs=1e-6)
 
 

@@ -49,7 +49,7 @@ class TrainConfig:
     checkpoint_every: int | str = _opt(10, "save a checkpoint every K steps (and always at the end), or auto: the "
                                        "Young/Daly interval from the measured save cost and this job's failures")
     expected_mtbf: float = _opt(3600.0, "with --checkpoint-every auto: the seconds between failures to expect "
-                                "before any are seen (the job's own failures refine it)")
+                                "until the job's first failure (then its own failures decide)")
     checkpoint_first_step: bool = _opt(False, "also save (and read back) right after step 1, so broken storage "
                                        "fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",

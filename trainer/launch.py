@@ -54,7 +54,8 @@ def stop_timeout(cfg: TrainConfig) -> int:
 
 
 def torchrun_prefix(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *extra]
+    """torchrun, through ``trainer.agent``: the same agent, with a one-line reason for each failure."""
+    return [sys.executable, "-m", "trainer.agent", *extra]
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:

@@ -53,10 +53,13 @@ def _rounded(value: float | dict) -> float | dict:
 
 
 def what_it_recovered_from(resumed_step: int | None, resumed_reason: str | None, resumed_world: int | None,
-                           world_size: int, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+                           world_size: int, earlier: list[dict[str, Any]],
+                           agent_failure: dict[str, Any] | None = None) -> dict[str, Any]:
     """The start record's ``recovered_from``: ``fresh``, ``failure``, ``preempted``, ``scale`` (an
     emergency checkpoint resumed at another world size) or ``continued`` (the run before ended
-    normally); with the last step the job logged before this start, when, and the steps lost."""
+    normally); with the last step the job logged before this start, when, and the steps lost.
+    A failure this node's agent saw (``trainer.agent``) adds the worker's exit code or signal and
+    the time the agent noticed it."""
     if resumed_step is None:
         return {"cause": "fresh"}
     steps = [record for record in earlier if record.get("event") == "step"]
@@ -72,4 +75,8 @@ def what_it_recovered_from(resumed_step: int | None, resumed_reason: str | None,
         last = steps[-1]
         found.update(last_step=last["step"], last_step_time=last.get("time"),
                      steps_lost=max(0, last["step"] - resumed_step))
+    noticed_after_last_step = agent_failure and agent_failure.get("time", 0) >= (found.get("last_step_time") or 0)
+    if cause == "failure" and noticed_after_last_step:
+        found.update(exit_code=agent_failure["exit_code"], failed_at=agent_failure["time"],
+                     **({"signal": agent_failure["signal"]} if "signal" in agent_failure else {}))
     return found

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+from trainer.agent import read_failure
 from trainer.checkpoint.app_state import AppState, Progress, init_optimizer_state
 from trainer.checkpoint.layout import ensure_writable
 from trainer.checkpoint.lock import JobLock
@@ -109,7 +110,7 @@ class Trainer:
         marker = resumed.info.marker if resumed else None
         recovered = what_it_recovered_from(resumed and resumed.info.step, marker and marker.reason.value,
                                            marker and marker.world_size, self.rt.world_size,
-                                           read_metrics(self.cfg.checkpoint_dir))
+                                           read_metrics(self.cfg.checkpoint_dir), read_failure())
         resumed_from = self.checkpoints.resumed_from
         self.metrics.event("start", step=self.first_step, world_size=self.rt.world_size, run_id=self.run_id,
                            resumed_from=resumed_from and dataclasses.asdict(resumed_from),

@@ -4,8 +4,8 @@
 the time lost to saves plus the time lost to redoing steps after a failure. ``cost`` is what a
 save costs training here (the stall while the state is staged, plus the slowdown of the steps
 that run while it is written), measured on every rank; ``MTBF`` is this job's own mean time
-between failures, read from the start records in ``metrics.jsonl``, with ``--expected-mtbf`` as
-a prior worth one failure. The interval is re-evaluated at every periodic save and on every
+between failures, read from the start records in ``metrics.jsonl``; ``--expected-mtbf`` stands in
+until the first failure is seen. The interval is re-evaluated at every periodic save and on every
 restart, so it shortens as failures come and lengthens as the job runs without them.
 """
 
@@ -49,8 +49,12 @@ class FailureHistory:
         return max(0.0, now - self.first_start)
 
     def mtbf_s(self, observed_s: float, prior_s: float) -> float:
-        """The prior counts as one failure after ``prior_s``; each observed failure adds one more."""
-        return (observed_s + prior_s) / (self.failures + 1)
+        """Before any failure: the prior, plus the time already run without one. After: the job's
+        own rate; a prior that is wrong by 60x (the default hour against a kill a minute) would
+        otherwise take dozens of failures to wash out."""
+        if self.failures == 0:
+            return observed_s + prior_s
+        return max(observed_s, 1.0) / self.failures
 
 
 class SaveCostMeter:
@@ -148,8 +152,9 @@ class AutoInterval:
         mtbf = self._history.mtbf_s(observed, self._prior)
         every = max(1, round(young_daly_seconds(cost, mtbf) / clean))
         if every != self.every:
-            reason = (f"save cost {cost:.3f}s, MTBF {mtbf:.0f}s ({self._history.failures} failure(s) in "
-                      f"{observed:.0f}s, prior {self._prior:.0f}s), step {clean:.3f}s")
+            source = (f"{self._history.failures} failure(s) in {observed:.0f}s" if self._history.failures
+                      else f"no failure in {observed:.0f}s + prior {self._prior:.0f}s")
+            reason = f"save cost {cost:.3f}s, MTBF {mtbf:.0f}s ({source}), step {clean:.3f}s"
             if self._announce:
                 log.info("checkpoint interval %d -> %d steps (auto: %s)", self.every, every, reason)
             self.every, self.reason = every, reason

@@ -1,0 +1,128 @@
+"""Goodput under failures: how much of the wall time goes to steps that count, per checkpoint interval.
+
+``python -m bench.goodput [--minutes 2] [--kill-every 60] [--checkpoint-every auto]
+[--intervals 10,25,50] [--seed 0] [--json FILE]`` runs ``fsdp-train local`` (2 workers, in-place
+restarts, configs/local.yaml) for ``--minutes`` per interval and SIGKILLs a random worker at
+random times averaging ``--kill-every`` seconds (uniform in [0.5, 1.5] x, seeded; the same
+schedule for every interval). First it measures the clean step time: the same job, no kills and
+no periodic saves.
+
+goodput = (steps kept x clean step time) / wall time, with the wall time from the first step of
+the run to its end and the steps kept those the run ended ahead of where it began. Also reported:
+steps lost per failure and each recovery (kill to the end of the first step after it). The table
+covers ``--intervals`` and ``--checkpoint-every``; the top-level figures are those of the latter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.jobs import LocalJob, last_step, records, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CLEAN_SECONDS = 30  # the clean run's timed part, after its warm-up
+WARMUP_STEPS = 20
+
+
+def flags(every: str, args: argparse.Namespace) -> list[str]:
+    return ["--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"), "--max-steps", str(10**6),
+            "--no-progress", "--max-restarts", "1000", "--checkpoint-every", every, "--keep-last", "2",
+            "--log-every", "1", "--no-checkpoint-first-step", *args.extra]
+
+
+def clean_step_seconds(work: Path, args: argparse.Namespace) -> float:
+    job = LocalJob(work, work.with_suffix(".log"), *flags(str(10**6), args))
+    try:
+        wait_for(lambda: last_step(work) >= WARMUP_STEPS, 300, "the clean run to warm up")
+        first = records(work, "step")[-1]
+        time.sleep(args.clean_seconds)
+        last = records(work, "step")[-1]
+    finally:
+        job.stop()
+    return (last["time"] - first["time"]) / (last["step"] - first["step"])
+
+
+def kill_schedule(args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(seconds after the first step, rank) of every kill: the same for every interval."""
+    rng, at, kills = random.Random(args.seed), 0.0, []
+    while True:
+        at += rng.uniform(0.5, 1.5) * args.kill_every
+        if at >= args.minutes * 60:
+            return kills
+        kills.append((at, rng.randrange(2)))
+
+
+def run_one(work: Path, every: str, clean_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    job = LocalJob(work, work.with_suffix(".log"), *flags(every, args))
+    kills: list[float] = []
+    try:
+        wait_for(lambda: last_step(work) >= 1, 300, "the first step")
+        begin, begin_step = records(work, "step")[0]["time"], records(work, "step")[0]["step"]
+        for offset, rank in kill_schedule(args):
+            time.sleep(max(0.0, begin + offset - time.time()))
+            pid = job.workers().get(rank)
+            if pid is None:  # still restarting from the previous kill: it counts when it lands
+                pid = wait_for(lambda r=rank: job.workers().get(r), 120, f"worker {rank}")
+            kills.append(time.time())
+            LocalJob.kill_pid(pid)
+        time.sleep(max(0.0, begin + args.minutes * 60 - time.time()))
+        end, end_step = time.time(), last_step(work)
+    finally:
+        job.stop()
+    starts = [start for start in records(work, "start") if start.get("recovered_from", {}).get("cause") == "failure"]
+    recovery = [start["time"] - kill for kill, start in zip(kills, starts)]
+    lost = [start["recovered_from"].get("steps_lost", 0) for start in starts]
+    wall = end - begin
+    return {"every": every, "goodput": (end_step - begin_step) * clean_s / wall, "failures": len(kills),
+            "steps_lost_per_failure": statistics.mean(lost) if lost else 0.0, "recovery_s": recovery,
+            "steps_kept": end_step - begin_step, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=2.0, help="wall time per interval (default 2)")
+    parser.add_argument("--kill-every", type=float, default=60.0, help="mean seconds between kills (default 60)")
+    parser.add_argument("--checkpoint-every", default="auto", help="K or auto: the headline interval (default auto)")
+    parser.add_argument("--intervals", default="10,25,50", help="fixed intervals for the table (default 10,25,50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule (default 0)")
+    parser.add_argument("--clean-seconds", type=float, default=CLEAN_SECONDS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.add_argument("extra", nargs="*", help="more flags for the job (after --)")
+    args = parser.parse_args(argv)
+    table = [every for every in args.intervals.split(",") if every]
+    if args.checkpoint_every not in table:
+        table.append(args.checkpoint_every)
+    with tempfile.TemporaryDirectory(prefix="bench-goodput-") as tmp:
+        clean_s = clean_step_seconds(Path(tmp) / "clean", args)
+        print(f"clean step {clean_s * 1000:.0f} ms; {len(kill_schedule(args))} kills in {args.minutes:g} min "
+              f"per interval (mean every {args.kill_every:g}s, seed {args.seed})", flush=True)
+        rows = []
+        for every in table:
+            row = run_one(Path(tmp) / f"every-{every}", every, clean_s, args)
+            rows.append(row)
+            recovery = statistics.median(row["recovery_s"]) if row["recovery_s"] else float("nan")
+            print(f"  every {every:>5}: goodput {row['goodput']:6.1%}  failures {row['failures']}  steps lost per "
+                  f"failure {row['steps_lost_per_failure']:5.1f}  recovery median {recovery:4.1f}s", flush=True)
+    headline = next(row for row in rows if row["every"] == args.checkpoint_every)
+    fixed = [row for row in rows if row["every"] != "auto"]
+    if headline["every"] == "auto" and fixed:
+        best = max(fixed, key=lambda row: row["goodput"])
+        print(f"auto {headline['goodput']:.1%} vs best fixed (every {best['every']}) {best['goodput']:.1%}: "
+              f"{(headline['goodput'] - best['goodput']) * 100:+.1f} points")
+    result = {"goodput": headline["goodput"], "steps_lost_per_failure": headline["steps_lost_per_failure"],
+              "recovery_s": headline["recovery_s"], "failures": headline["failures"], "clean_step_s": clean_s,
+              "intervals": [{"every": row["every"], "goodput": row["goodput"]} for row in rows], "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

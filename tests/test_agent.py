@@ -1,0 +1,55 @@
+"""trainer.agent: torchrun's agent with one line per failure, and the failure handed to the next workers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, _env
+from trainer.agent import AGENT_LOGGER, FAILURE_FILE_ENV, FailureRecorder, give_up_reason, read_failure
+from trainer.phases import what_it_recovered_from
+
+
+def test_the_agents_failure_record_reaches_the_next_start(tmp_path, capsys):
+    path = tmp_path / "failure.json"
+    logger = logging.getLogger(AGENT_LOGGER)
+    recorder = FailureRecorder(path)
+    logger.addHandler(recorder)
+    try:  # what torch.distributed.elastic logs when a worker group fails
+        logger.error("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", -9, 1, 4242, "python")
+    finally:
+        logger.removeHandler(recorder)
+    assert "worker local_rank 1 failed (signal SIGKILL)" in capsys.readouterr().err
+    failure = read_failure({FAILURE_FILE_ENV: str(path)})
+    assert (failure["exit_code"], failure["signal"], failure["local_rank"]) == (-9, "SIGKILL", 1)
+    earlier = [{"event": "start", "time": 1.0}, {"event": "step", "step": 7, "time": failure["time"] - 1}]
+    found = what_it_recovered_from(5, "periodic", 2, 2, earlier, failure)
+    assert (found["cause"], found["signal"], found["exit_code"], found["steps_lost"]) == ("failure", "SIGKILL", -9, 2)
+    stale = [*earlier, {"event": "step", "step": 9, "time": failure["time"] + 5}]
+    assert "signal" not in what_it_recovered_from(5, "periodic", 2, 2, stale, failure), "an older failure"
+
+
+def test_give_up_reasons_name_the_cause():
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    assert give_up_reason(RendezvousTimeoutError("join")).startswith("rendezvous timed out: fewer nodes than")
+    assert give_up_reason(ValueError("x")) is None, "anything else keeps its traceback"
+
+
+@pytest.mark.torchrun
+def test_a_rendezvous_that_times_out_says_why_in_one_line(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
+           "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_CONF": "join_timeout=3"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "launch", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                           "--max-steps", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**_env(), **env})
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fsdp-train: ")]
+    assert len(lines) == 1 and "rendezvous timed out: fewer nodes than the minimum" in lines[0], proc.stderr[-2000:]
