@@ -72,7 +72,7 @@ def test_recovery_bench_breaks_each_recovery_down(tmp_path: Path) -> None:
 def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
     out = tmp_path / "goodput.json"
     proc = run_python("-m", "bench.goodput", "--minutes", "0.3", "--kill-every", "6", "--intervals", "5",
-                      "--checkpoint-every", "auto", "--clean-seconds", "3", "--json", str(out), *TINY_JOB,
+                      "--checkpoint-every", "auto", "--json", str(out), *TINY_JOB,
                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
