@@ -58,7 +58,8 @@ def run_one(work: Path, every: str, args: argparse.Namespace) -> dict[str, Any]:
     kills: list[float] = []
     try:
         wait_for(lambda: last_step(work) >= 1, 300, "the first step")
-        begin, begin_step = records(work, "step")[0]["time"], records(work, "step")[0]["step"]
+        first = records(work, "step")[0]
+        begin, begin_step = first["time"], first["step"]
         for offset, rank in kill_schedule(args):
             time.sleep(max(0.0, begin + offset - time.time()))
             pid = job.workers().get(rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -10,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.jobs import worker_pids  # noqa: F401  (tests import it from here)
+from bench.jobs import last_step, records, worker_pids  # noqa: F401  (tests import them from here)
+from bench.jobs import wait_for as _wait_for
+
+# bench.jobs.wait_for, polling as often as the tests need (a benchmark polls ten times less often)
+wait_for = functools.partial(_wait_for, interval=0.005)
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -112,31 +117,10 @@ def sigterm_and_wait(job: subprocess.Popen, timeout: float) -> tuple[int, float]
     return code, time.monotonic() - signalled
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.005):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def step_records(ckpt: Path) -> list[dict]:
-    from trainer.metrics import read_metrics
-
-    return [r for r in read_metrics(ckpt) if r.get("event") == "step"]
+    return records(ckpt, "step")
 
 
 def start_records(ckpt: Path) -> list[dict]:
     """The ``start`` records of ``metrics.jsonl``: one per worker-group start, with ``resumed_from``."""
-    from trainer.metrics import read_metrics
-
-    return [r for r in read_metrics(ckpt) if r.get("event") == "start"]
-
-
-def last_step(ckpt: Path) -> int:
-    steps = step_records(ckpt)
-    return steps[-1]["step"] if steps else 0
+    return records(ckpt, "start")
