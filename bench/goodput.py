@@ -4,7 +4,8 @@
 [--intervals 10,25,50] [--seed 0] [--json FILE]`` runs ``fsdp-train local`` (2 workers, in-place
 restarts, configs/local.yaml) for ``--minutes`` per interval and SIGKILLs a random worker at
 random times averaging ``--kill-every`` seconds (uniform in [0.5, 1.5] x, seeded; the same
-schedule for every interval).
+schedule for every interval). The job is told that rate as ``--expected-mtbf``, as an operator who
+knows their cluster's failure rate would; only ``auto`` uses it, until the first failure.
 
 goodput = (steps kept x clean step time) / wall time, with the wall time from the first step of
 the run to its end, the steps kept those the run ended ahead of where it began, and the clean
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def flags(every: str, args: argparse.Namespace) -> list[str]:
     return ["--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"), "--max-steps", str(10**6),
             "--no-progress", "--max-restarts", "1000", "--checkpoint-every", every, "--keep-last", "2",
-            "--log-every", "1", "--no-checkpoint-first-step", *args.extra]
+            "--log-every", "1", "--no-checkpoint-first-step", "--expected-mtbf", str(args.kill_every), *args.extra]
 
 
 def clean_step_seconds(steps: list[dict[str, Any]]) -> float:

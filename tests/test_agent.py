@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, _env
-from trainer.agent import AGENT_LOGGER, FAILURE_FILE_ENV, FailureRecorder, give_up_reason, read_failure
+from conftest import ROOT, _env, wait_for
+from trainer.agent import (
+    AGENT_LOGGER,
+    FAILURE_FILE_ENV,
+    FailureRecorder,
+    give_up_reason,
+    install_fast_stop,
+    is_stopped,
+    kill_stopped_workers,
+    read_failure,
+)
 from trainer.phases import what_it_recovered_from
 
 
@@ -31,6 +41,31 @@ def test_the_agents_failure_record_reaches_the_next_start(tmp_path, capsys):
     assert (found["cause"], found["signal"], found["exit_code"], found["steps_lost"]) == ("failure", "SIGKILL", -9, 2)
     stale = [*earlier, {"event": "step", "step": 9, "time": failure["time"] + 5}]
     assert "signal" not in what_it_recovered_from(5, "periodic", 2, 2, stale, failure), "an older failure"
+
+
+def test_a_stopped_worker_is_killed_at_once_and_a_running_one_is_left_to_sigterm(capsys):
+    stopped, running = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        wait_for(lambda: is_stopped(stopped.pid), 10, "the worker to stop")
+        assert not is_stopped(running.pid)
+        assert kill_stopped_workers({0: running.pid, 1: stopped.pid}) == [1]
+        assert stopped.wait(timeout=10) == -signal.SIGKILL
+        assert running.poll() is None, "a running worker gets torchrun's SIGTERM and its grace"
+        assert "worker local_rank 1 (pid" in capsys.readouterr().err
+    finally:
+        for proc in (stopped, running):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_agent_stops_a_worker_group_through_the_fast_stop():
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    install_fast_stop()
+    install_fast_stop()  # idempotent: one wrapper, not two
+    assert PContext.close.kills_stopped_workers
+    assert not getattr(PContext.close.__wrapped__, "kills_stopped_workers", False)
 
 
 def test_give_up_reasons_name_the_cause():
