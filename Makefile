@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT_DIR ?= ./checkpoints
+DATA_DIR ?= ./data/stdlib
 NPROC ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
@@ -12,7 +13,7 @@ IMAGE ?= fsdp-train:0.1.0
 RELEASE ?= fsdp-train
 REPLICAS ?= 3
 
-.PHONY: help install train test unit lint bench image kind-up kind-load deploy scale watch undeploy kind-down \
+.PHONY: help install data train test unit lint bench image kind-up kind-load deploy scale watch undeploy kind-down \
 	chart-test values-table e2e-docker e2e-kind clean
 
 help: ## list targets
@@ -24,8 +25,14 @@ $(STAMP): pyproject.toml hack/install.sh
 
 install: $(STAMP) ## create .venv and install the project with its test dependencies
 
-train: install ## train locally on CPU (NPROC workers, checkpoints in CHECKPOINT_DIR; resumes if present)
-	$(BIN)/fsdp-train local --nproc $(NPROC) --config configs/local.yaml --checkpoint-dir $(CHECKPOINT_DIR) $(TRAIN_ARGS)
+train: install $(DATA_DIR)/dataset.json ## train locally on CPU on the stdlib's source (NPROC workers, checkpoints in CHECKPOINT_DIR; resumes)
+	$(BIN)/fsdp-train local --nproc $(NPROC) --config configs/local.yaml --data $(DATA_DIR) \
+		--checkpoint-dir $(CHECKPOINT_DIR) $(TRAIN_ARGS)
+
+data: $(DATA_DIR)/dataset.json ## prepare DATA_DIR once: the Python standard library's own source, byte tokens
+
+$(DATA_DIR)/dataset.json: | install
+	hack/stdlib-data.sh $(VENV) $(DATA_DIR)
 
 test: install ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -39,8 +46,9 @@ lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict (every c
 values-table: install ## regenerate README's chart values table from helm/fsdp-train/values.yaml
 	$(BIN)/python hack/values_table.py
 
-bench: install ## checkpoint (1.5 GB, 2 ranks), training overhead, recovery breakdown, goodput under kills (~30 min)
+bench: install ## checkpoint (1.5 GB, 2 ranks), training speed vs a plain loop, overhead, recovery, goodput (~35 min)
 	$(BIN)/python -m bench.checkpoint --json bench-checkpoint.json
+	$(BIN)/python -m bench.train --json bench-train.json
 	$(BIN)/python -m bench.overhead --json bench-overhead.json
 	$(BIN)/python -m bench.recovery --json bench-recovery.json
 	$(BIN)/python -m bench.goodput --minutes 3 --json bench-goodput.json

@@ -80,3 +80,24 @@ def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
     assert 0 < result["goodput"] < 1 and result["failures"] >= 1
     assert len(result["recovery_s"]) >= 1 and all(seconds > 0 for seconds in result["recovery_s"])
     assert "auto" in proc.stdout and "best fixed" in proc.stdout
+
+
+def test_train_bench_compares_our_step_with_a_plain_loop_and_the_loader(tmp_path: Path) -> None:
+    from test_token_data import DOCS, write_texts
+
+    from trainer.prepare_data import PrepareOptions, prepare
+
+    data, out = tmp_path / "data", tmp_path / "train.json"
+    prepare(PrepareOptions([str(write_texts(tmp_path / "src", DOCS * 4))], data, val_fraction=0.0))
+    proc = run_python("-m", "bench.train", "--blocks", "2", "--block-steps", "2", "--worlds", "1",
+                      "--precisions", "fp32,bf16", "--data", str(data), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [(r["world_size"], r["precision"]) for r in results["runs"]] == [(1, "fp32"), (1, "bf16")]
+    for run in results["runs"]:
+        rates = run["tokens_per_s"]
+        assert rates["fsdp_train"] > 0 and rates["plain"] > 0
+        assert run["ratio"] == pytest.approx(rates["fsdp_train"] / rates["plain"])
+    assert results["loader"]["ratio"] == pytest.approx(
+        results["loader"]["tokens_per_s"] / results["loader"]["fastest_step_tokens_per_s"])
+    assert "ratio" in proc.stdout and "target >= 0.95" in proc.stdout and "target >= 50x" in proc.stdout

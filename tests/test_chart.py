@@ -340,6 +340,33 @@ def test_existing_claim_replaces_the_created_one(helm):
     assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "shared-ckpt"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dataset_claim_and_a_model_package_reach_the_trainer(helm, kind, tmp_path):
+    from trainer.cli import parse_args
+    from trainer.config import resolve_config
+
+    own = CHART / "ci" / "jobset-cpu-own-model-values.yaml"
+    docs = render(helm, f"workload.kind={kind}", values=own)
+    spec = pod_template(docs)["spec"]
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "team-datasets", "readOnly": True}
+    assert mounts["/data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "team-models" and "/opt/models" in mounts
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["PYTHONPATH"] == "/opt/models" and env["HF_HUB_OFFLINE"] == "1"
+    config = tmp_path / "config.yaml"
+    config.write_text(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
+    cfg = resolve_config(parse_args(["train", "--config", str(config)]), environ={})
+    assert cfg.data == "/data/stdlib" and cfg.data.startswith(mounts["/data"]["mountPath"])
+    for doc in docs:
+        validate(doc)
+    plain = pod_template(render(helm, f"workload.kind={kind}"))["spec"]
+    assert "data" not in {v["name"] for v in plain["volumes"]}
+    assert "PYTHONPATH" not in {e["name"] for e in plain["containers"][0]["env"]}
+
+
 def test_helm_test_hook_verifies_the_newest_checkpoint(helm):
     hook = by_kind(render(helm), "Pod")[0]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -372,6 +399,10 @@ BAD_VALUES = [
     (["workload.kind=PyTorchJob", "kueue.queueName=team-a"],
      "kueue.queueName cannot be used with workload.kind=PyTorchJob"),
     (["kueue.queueName=Team_A"], "/kueue/queueName"),
+    (["data.existingClaim=ds", "trainer.data=/elsewhere"], "trainer.data is set by data.existingClaim"),
+    (["data.mountPath=data"], "/data/mountPath"),
+    (["pythonPath={models}"], "/pythonPath/0"),
+    (["extraEnv[0].name=PYTHONPATH", "extraEnv[0].value=/x"], "/extraEnv/0/name"),
     (["terminationGracePeriodSeconds=45"],
      "terminationGracePeriodSeconds (45) must be at least trainer.shutdown_grace (40) + 10 = 50"),
 ]

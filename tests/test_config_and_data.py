@@ -52,3 +52,43 @@ def test_samples_do_not_depend_on_how_the_batch_is_split(model):
     assert torch.equal(whole_x, torch.cat([x for x, _ in parts]))
     assert torch.equal(whole_y, torch.cat([y for _, y in parts]))
     assert not torch.equal(whole_x, data.batch(110, 10)[0])
+
+
+def test_every_rank_runs_the_same_number_of_micro_batches_of_at_most_the_size():
+    from trainer.train import micro_batches
+
+    for global_batch in range(1, 13):
+        for world in range(1, global_batch + 1):
+            shares = [b - a for a, b in (rank_slice(global_batch, world, r) for r in range(world))]
+            for size in (None, 1, 2, 3, 5):
+                spans = [micro_batches(share, size, max(shares)) for share in shares]
+                assert len({len(s) for s in spans}) == 1, "ranks must issue the same FSDP collectives"
+                for share, rank_spans in zip(shares, spans):
+                    assert rank_spans[0][0] == 0 and rank_spans[-1][1] == share
+                    assert all(lo <= hi and (size is None or hi - lo <= size) for lo, hi in rank_spans)
+                    assert all(a[1] == b[0] for a, b in zip(rank_spans, rank_spans[1:]))
+
+
+def test_a_preset_sets_the_sizes_that_no_layer_gives(tmp_path):
+    from trainer.presets import PRESETS
+
+    cfg = parse("--model", "transformer", "--preset", "125m")
+    assert {k: getattr(cfg, k) for k in PRESETS["125m"]} == PRESETS["125m"]
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: small\nseq_len: 100\n")
+    cfg = parse("--config", str(config), "--n-layers", "3", environ={"FSDP_TRAIN_D_MODEL": "64"})
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len) == (64, 3, PRESETS["small"]["n_heads"], 100)
+    again = parse(*config_to_args(cfg))
+    assert again == cfg, "a preset config survives the trip to the workers"
+
+
+def test_model_args_come_as_json_or_a_yaml_mapping(tmp_path):
+    cfg = parse("--model", "pkg.mod:build", "--model-args", '{"depth": 3, "act": "gelu"}')
+    assert cfg.model_args == {"depth": 3, "act": "gelu"}
+    assert cfg.shape_fields() == {"model": "pkg.mod:build", "model_args": {"depth": 3, "act": "gelu"}}
+    config = tmp_path / "c.yaml"
+    config.write_text("model: pkg.mod:build\nmodel_args:\n  depth: 5\n")
+    assert parse("--config", str(config)).model_args == {"depth": 5}
+    assert parse(*config_to_args(cfg)) == cfg
+    with pytest.raises(UserError, match="use toy, transformer or package.module:function"):
+        parse("--model", "not a spec")

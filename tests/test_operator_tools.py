@@ -97,7 +97,7 @@ def test_infer_without_process_group_matches_the_training_model(lm_run, toy_run)
 def test_ckpt_show_lists_tensors_sharding_and_lineage(lm_run):
     out = run_cli("ckpt", "show", str(step_dir(lm_run, 15)), check=True).stdout
     assert "world size 3" in out and '"step": 10' in out and '"world_size": 2' in out
-    assert "app.model.tok_emb.weight" in out and "50x24" in out and "3 chunks along dim 0" in out
+    assert "app.model.embed_tokens.weight" in out and "50x24" in out and "3 chunks along dim 0" in out
 
 
 def test_ckpt_verify_catches_a_truncated_shard(lm_run, tmp_path):
@@ -121,7 +121,7 @@ def test_ckpt_diff_identical_across_layouts_and_nonzero_after_training(lm_run, t
     same = run_cli("ckpt", "diff", str(step10(lm_run)), str(single), check=True).stdout
     assert "identical" in same
     changed = run_cli("ckpt", "diff", str(step10(lm_run)), str(step_dir(lm_run, 15)), check=True).stdout
-    assert "app.model.head.weight" in changed and "identical" not in changed
+    assert "app.model.lm_head.weight" in changed and "identical" not in changed
     assert "max abs diff" in changed.splitlines()[-1]
 
 

@@ -121,3 +121,25 @@ def test_the_manager_decides_when_to_save(ckpt_dir):
     for mode in ("async", "sync"):
         reasons = {info.step: info.marker.reason.value for info in list_checkpoints(ckpt_dir / mode)}
         assert reasons == {1: "first-step", 3: "periodic", 6: "periodic", 9: "final"}, (mode, reasons)
+
+
+def test_a_resume_with_another_schedule_says_so_and_follows_the_new_one(ckpt_dir):
+    from trainer.config import TrainConfig
+    from trainer.schedule import lr_multiplier
+
+    run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
+    proc = run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "20", "--lr", "0.001", "--checkpoint-dir",
+                   str(ckpt_dir), check=True)
+    changes = start_records(ckpt_dir)[-1]["setting_changes"]
+    old, new = TrainConfig(max_steps=10), TrainConfig(max_steps=20, lr=0.001)
+    effect = f"lr at step 10 goes {old.lr * lr_multiplier(old, 10):.2e} -> {new.lr * lr_multiplier(new, 10):.2e}"
+    assert changes == [f"lr schedule horizon 10 -> 20 (--max-steps with --decay-steps 0): {effect}",
+                       f"lr 0.003 -> 0.001: {effect}"]
+    assert all(f"resumed with another setting: {change}" in proc.stderr for change in changes)
+    steps = {r["step"]: r for r in (json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "step"}
+    for step in (11, 15, 20):  # the lr a step record shows is the one the next step uses
+        assert steps[step]["lr"] == pytest.approx(new.lr * lr_multiplier(new, step), rel=1e-9)
+    run_cli("local", "--nproc", "1", *FLAGS, "--max-steps", "20", "--lr", "0.001", "--checkpoint-dir",
+            str(ckpt_dir), check=True)
+    assert start_records(ckpt_dir)[-1]["setting_changes"] == [], "the same settings again: nothing to report"

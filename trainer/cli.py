@@ -32,6 +32,45 @@ def _add(commands: argparse._SubParsersAction, name: str, handler: Handler, help
     return parser
 
 
+# ---- prepare-data ---------------------------------------------------------------------------------
+def add_prepare_data(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "prepare-data", prepare_data, "tokenize local text, JSONL or Parquet files into a "
+                  "token dataset for --data", "Tokenize local files into train.bin, val.bin and dataset.json.")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (read recursively)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the dataset")
+    tokenizers = parser.add_mutually_exclusive_group()
+    tokenizers.add_argument("--tokenizer", default="bytes", help="'bytes' (256 byte values + end-of-document; the "
+                            "default) or a Hugging Face tokenizer.json")
+    tokenizers.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                            help="train a byte-level BPE of VOCAB ids on the inputs; saved as DIR/tokenizer.json")
+    parser.add_argument("--text-field", default="text", help="JSONL key / Parquet column of the text (default text)")
+    parser.add_argument("--glob", action="append", default=[], metavar="PATTERN",
+                        help="also read files matching PATTERN in folders as plain text (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out paths matching PATTERN, e.g. '*/site-packages/*' (repeatable)")
+    parser.add_argument("--non-utf8", choices=("error", "skip"), default="error",
+                        help="a file or line that is not UTF-8: stop naming it (default), or skip and count it")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of whole documents held out for evaluation (default 0.01)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per CPU, at most 8)")
+
+
+def prepare_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.data_sources import NonUtf8, SourceOptions
+    from trainer.prepare_data import PrepareOptions, prepare
+
+    sources = SourceOptions(args.text_field, tuple(args.glob), tuple(args.exclude), NonUtf8(args.non_utf8))
+    manifest = prepare(PrepareOptions(args.inputs, Path(args.out), args.tokenizer, args.train_tokenizer,
+                                      args.val_fraction, args.workers, sources))
+    skipped = f", {manifest['skipped_non_utf8']} non-UTF-8 input(s) skipped" if manifest["skipped_non_utf8"] else ""
+    print(f"wrote {args.out}: {manifest['tokens']['train']:,} training and {manifest['tokens']['val']:,} held-out "
+          f"tokens from {sum(manifest['documents'].values()):,} documents ({manifest['dtype']}, vocabulary "
+          f"{manifest['vocab_size']}){skipped} in {manifest['seconds']:.1f}s")
+    return 0
+
+
 # ---- train ----------------------------------------------------------------------------------------
 def add_train(commands: argparse._SubParsersAction) -> None:
     from trainer.config import add_config_arguments
@@ -167,20 +206,62 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export-hf ------------------------------------------------------------------------------------
+def add_export_hf(commands: argparse._SubParsersAction) -> None:
+    parser = _add(commands, "export-hf", export_hf, "write the transformer of a checkpoint as a Hugging Face "
+                  "LlamaForCausalLM folder (safetensors, config.json, tokenizer)")
+    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("out", metavar="OUTDIR", help="new or empty folder")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default fp32)")
+    parser.add_argument("--max-shard-bytes", type=int, default=2 << 30,
+                        help="start another .safetensors file past this size (default 2 GiB)")
+
+
+def export_hf(args: argparse.Namespace) -> int:
+    from trainer.hf_export import export_hf as write
+
+    files = write(args.checkpoint, args.out, args.dtype, args.max_shard_bytes)
+    print(f"wrote {args.out}: {', '.join(files)}")
+    return 0
+
+
 # ---- infer ----------------------------------------------------------------------------------------
+PROMPT_TEMPERATURE = 0.8
+
+
 def add_infer(commands: argparse._SubParsersAction) -> None:
     parser = _add(commands, "infer", infer, "load a checkpoint without a process group and run a forward pass")
     parser.add_argument("checkpoint", metavar="CKPT")
-    parser.add_argument("--input", required=True, help="toy: 16 numbers; transformer: token ids (comma or space "
-                        "separated)")
-    parser.add_argument("--generate", type=int, default=1, help="transformer: tokens to generate greedily (default 1)")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", help="toy: 16 numbers; transformer: token ids (comma or space separated); prints "
+                       "the outputs or the generated ids as JSON")
+    given.add_argument("--prompt", help="transformer trained on --data: text to continue; prints it with its "
+                       "continuation")
+    parser.add_argument("--generate", type=int, default=1, help="transformer: tokens to generate (default 1)")
+    parser.add_argument("--temperature", type=float,
+                        help="0: greedy; above 0: sample from softmax(logits / T), seeded (default: 0 with --input, "
+                        f"{PROMPT_TEMPERATURE} with --prompt, where greedy decoding of a small model repeats itself)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    parser.add_argument("--tokenizer", help="with --prompt: 'bytes' or a tokenizer.json (default: the one of the "
+                        "run's --data)")
 
 
 def infer(args: argparse.Namespace) -> int:
-    from trainer.inference import load_model, parse_input, run
+    from trainer.inference import encode_prompt, load_model, parse_input, run, run_tokenizer
 
+    temperature = args.temperature if args.temperature is not None else 0.0 if args.prompt is None else \
+        PROMPT_TEMPERATURE
+    if args.generate < 1 or temperature < 0:
+        raise UserError("--generate must be >= 1 and --temperature >= 0")
     model, cfg = load_model(args.checkpoint)
-    print(json.dumps(run(model, cfg, parse_input(cfg, args.input), args.generate)))
+    if args.prompt is None:
+        print(json.dumps(run(model, cfg, parse_input(cfg, args.input), args.generate, temperature, args.seed)))
+        return 0
+    if cfg.model == "toy":
+        raise UserError("--prompt: the toy model takes numbers; pass --input")
+    tokenizer = run_tokenizer(cfg, args.tokenizer)
+    ids = run(model, cfg, encode_prompt(cfg, tokenizer, args.prompt), args.generate, temperature, args.seed)
+    print(args.prompt + tokenizer.decode(ids))
     return 0
 
 
@@ -230,7 +311,8 @@ def plot(args: argparse.Namespace) -> int:
 
 
 # ---- the parser -----------------------------------------------------------------------------------
-COMMANDS = (add_train, add_local, add_launch, add_ckpt, add_convert, add_infer, add_status, add_watch, add_plot)
+COMMANDS = (add_prepare_data, add_train, add_local, add_launch, add_ckpt, add_convert, add_export_hf, add_infer,
+            add_status, add_watch, add_plot)
 
 
 def build_parser() -> OneLineParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.plugins import is_plugin
+from trainer.presets import PRESETS
 
 ENV_PREFIX = "FSDP_TRAIN_"
 
@@ -28,13 +31,27 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainConfig:
     # Model: the fields marked "shape" decide parameter shapes and must match a resumed checkpoint.
-    model: str = _opt("toy", "model to train", choices=("toy", "transformer"), shape=True)
+    model: str = _opt("toy", "model to train: toy, transformer, or your own as package.module:function (called "
+                      "with --model-args; returns an nn.Module mapping [batch, seq] token ids to logits)", shape=True)
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "keyword arguments for your --model function, as a JSON object (a mapping in YAML)", "shape": True})
+    shard_modules: str | None = _opt(None, "your --model: FSDP2 shards the modules whose names match this glob "
+                                     "(e.g. 'layers.*'); default: shard_units() if it has one, else the entries "
+                                     "of its ModuleList children")
+    python_path: str | None = _opt(None, "folders (':'-separated) searched first for your --model's package")
     vocab_size: int = _opt(256, "transformer vocabulary size", shape=True)
     d_model: int = _opt(64, "transformer width", shape=True)
     n_layers: int = _opt(2, "transformer blocks", shape=True)
     n_heads: int = _opt(4, "attention heads (must divide d_model)", shape=True)
     seq_len: int = _opt(32, "transformer context length in tokens", shape=True)
-    ffn_mult: int = _opt(4, "MLP hidden size as a multiple of d_model", shape=True)
+    ffn_mult: int = _opt(4, "MLP size: the SwiGLU hidden width is 2/3 of ffn_mult x d_model", shape=True)
+    preset: str | None = _opt(None, "transformer size preset (d_model, n_layers, n_heads, seq_len); any of those "
+                              "flags given as well wins over it", choices=tuple(PRESETS))
+    # Data.
+    data: str | None = _opt(None, "token dataset folder from 'fsdp-train prepare-data'; without it, synthetic data")
+    allow_data_change: bool = _opt(False, "resume even though --data differs from the checkpoint's dataset")
+    eval_every: int = _opt(0, "compute the held-out loss every N steps (0: never)")
+    eval_batches: int = _opt(4, "global batches of held-out samples per evaluation")
     # Optimisation.
     max_steps: int = _opt(100, "train until this global step")
     global_batch_size: int = _opt(32, "samples per step across all ranks (fixed; independent of world size)")
@@ -43,6 +60,17 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
     decay_steps: int = _opt(0, "cosine decay horizon in steps; 0 means --max-steps (set it to extend a run exactly)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
+    micro_batch_size: int | None = _opt(None, "run each rank's share of the global batch in micro-batches of at "
+                                        "most this many samples, accumulating gradients (memory per rank stays "
+                                        "bounded at any world size; the update is the same)")
+    max_grad_norm: float = _opt(0.0, "clip gradients to this global norm and log grad_norm (0: off)")
+    mixed_precision: str = _opt("none", "bf16: FSDP2 computes in bf16 and reduces gradients in fp32; weights and "
+                                "optimizer state stay fp32 (and so do checkpoints)", choices=("none", "bf16"))
+    activation_checkpointing: str = _opt("none", "full: recompute each shard unit's activations in the backward "
+                                         "pass instead of keeping them (less memory, about a third more compute)",
+                                         choices=("none", "full"))
+    compile: bool = _opt(False, "compile each shard unit with torch.compile (module names unchanged; the first "
+                         "steps pay the compile time)")
     seed: int = _opt(0, "seed for init and data; randomness comes from (seed, step), never rank")
     # Checkpointing.
     checkpoint_dir: str = _opt("./checkpoints", "shared directory for DCP checkpoints, metrics and the job lock")
@@ -59,7 +87,8 @@ class TrainConfig:
     keep_last: int = _opt(3, "committed checkpoints to keep")
     resume_from: str | None = _opt(None, "resume from this step number or checkpoint path instead of the newest")
     no_resume: bool = _opt(False, "start fresh even if committed checkpoints exist")
-    init_from: str | None = _opt(None, "start a fresh run from a torch.save'd model state dict (.pth)")
+    init_from: str | None = _opt(None, "start a fresh run from a torch.save'd model state dict (.pth) or a Hugging "
+                                 "Face safetensors folder (as export-hf writes)")
     # Runtime.
     device: str = _opt("auto", "auto: CUDA+NCCL if a GPU is present, else CPU+gloo", choices=("auto", "cpu", "cuda"))
     log_every: int = _opt(1, "log a metrics line every N steps")
@@ -69,12 +98,16 @@ class TrainConfig:
                                      "checkpoint write")
     shutdown_grace: float = _opt(25.0, "seconds allowed for the emergency checkpoint after SIGTERM")
     progress: bool = _opt(False, "show a live progress bar on rank 0 instead of log lines")
+    tensorboard: bool = _opt(False, "also write the metrics as TensorBoard event files into "
+                             "<checkpoint-dir>/tensorboard (resumes as text events)")
 
     def shape_fields(self) -> dict[str, Any]:
         """The settings that decide parameter shapes (compared on resume)."""
-        names = [f.name for f in fields(self) if f.metadata.get("shape")]
+        names = [f.name for f in fields(self) if f.metadata.get("shape") and f.name != "model_args"]
         if self.model == "toy":
             names = ["model"]
+        elif self.model != "transformer":
+            names = ["model", "model_args"]
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +121,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserError(f"--micro-batch-size must be >= 1 (got {self.micro_batch_size}); leave it out to run "
+                            "each rank's share in one pass")
+        for name in ("eval_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.eval_batches < 1:
+            raise UserError(f"--eval-batches must be >= 1 (got {self.eval_batches})")
         if self.expected_mtbf <= 0:
             raise UserError(f"--expected-mtbf must be > 0 seconds (got {self.expected_mtbf})")
         if self.max_steps < 0:
@@ -98,6 +139,8 @@ class TrainConfig:
             raise UserError(f"--collective-timeout must be > 0 seconds (got {self.collective_timeout})")
         if self.d_model % self.n_heads:
             raise UserError(f"--n-heads ({self.n_heads}) must divide --d-model ({self.d_model})")
+        if self.model not in ("toy", "transformer") and not is_plugin(self.model):
+            raise UserError(f"--model {self.model!r}: use toy, transformer or package.module:function")
         if self.resume_from is not None and self.no_resume:
             raise UserError("--resume-from and --no-resume contradict each other: pass only one")
 
@@ -128,8 +171,20 @@ def int_or_auto(raw: Any) -> int | str:
 int_or_auto.type_name = "step count or 'auto'"  # type: ignore[attr-defined]
 
 
+def json_object(raw: Any) -> dict:
+    """A mapping: as it is (YAML), or a JSON object (a flag or an environment variable)."""
+    value = raw if isinstance(raw, dict) else json.loads(raw) if isinstance(raw, str) else None
+    if not isinstance(value, dict):
+        raise ValueError(raw)
+    return value
+
+
+json_object.type_name = "JSON object"  # type: ignore[attr-defined]
+
+
 def _field_types() -> dict[str, type]:
-    types = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str, "int | str": int_or_auto}
+    types = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str, "int | str": int_or_auto,
+             "int | None": int, "dict": json_object}
     return {f.name: types[str(f.type)] for f in fields(TrainConfig)}
 
 
@@ -139,7 +194,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     types = _field_types()
     for f in fields(TrainConfig):
         kind = types[f.name]
-        default = f.default
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
             # "--no-resume" is itself the negative form; other switches get --x / --no-x.
@@ -229,9 +284,19 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     values.update(_from_env(environ))
     names = {f.name for f in fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    config = TrainConfig(**values)
+    config = TrainConfig(**with_preset(values))
     config.validate()
     return config
+
+
+def with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """The preset's sizes under the settings given explicitly (in any layer)."""
+    preset = values.get("preset")
+    if preset is None:
+        return values
+    if preset not in PRESETS:
+        raise UserError(f"preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **values}
 
 
 def config_from_record(values: dict[str, Any], source: str) -> TrainConfig:
@@ -246,7 +311,7 @@ def config_from_record(values: dict[str, Any], source: str) -> TrainConfig:
     for name, value in values.items():
         optional, choices = str(known[name].type).endswith("| None"), known[name].metadata.get("choices")
         wrong_text = _field_types()[name] is str and value is not None and not isinstance(value, str)
-        if (value is None and not optional) or wrong_text or (choices and value not in choices):
+        if (value is None and not optional) or wrong_text or (choices and value is not None and value not in choices):
             raise UserError(f"{source}: {name}={value!r} is not a valid setting")
         checked[name] = _coerce(name, value, source)
     config = TrainConfig(**checked)
@@ -258,13 +323,14 @@ def config_to_args(config: TrainConfig) -> list[str]:
     """Render a config back into flags (used to hand a validated config to torchrun workers)."""
     argv: list[str] = []
     defaults = TrainConfig()
+    preset_keys = PRESETS[config.preset] if config.preset else {}
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
-        if value == getattr(defaults, f.name):
+        if value == getattr(defaults, f.name) and f.name not in preset_keys:  # a preset would fill those in
             continue
         if isinstance(value, bool):
             if value or not f.name.startswith("no_"):
                 argv.append(f"--{_flag(f.name)}" if value else f"--no-{_flag(f.name)}")
         else:
-            argv += [f"--{_flag(f.name)}", str(value)]
+            argv += [f"--{_flag(f.name)}", json.dumps(value) if isinstance(value, dict) else str(value)]
     return argv

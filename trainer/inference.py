@@ -17,6 +17,8 @@ from trainer.checkpoint.reader import read_model_weights
 from trainer.config import TrainConfig, config_from_record
 from trainer.errors import UserError
 from trainer.models import TOY_IN, build_model
+from trainer.token_data import open_dataset
+from trainer.tokenizer import Tokenizer, dataset_tokenizer, open_tokenizer
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
@@ -43,13 +45,39 @@ def parse_input(cfg: TrainConfig, text: str) -> torch.Tensor:
     return torch.tensor([tokens], dtype=torch.long)
 
 
+def run_tokenizer(cfg: TrainConfig, override: str | None) -> Tokenizer:
+    """``--tokenizer``, else the one the run's dataset recorded (synthetic runs have none)."""
+    if override is not None:
+        return open_tokenizer(override)
+    if cfg.data is None:
+        raise UserError("--prompt: this checkpoint was trained on synthetic token ids, not text; pass --input IDS")
+    info = open_dataset(cfg.data)
+    return dataset_tokenizer(info.directory, info.tokenizer)
+
+
+def encode_prompt(cfg: TrainConfig, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer.encode_batch([prompt])[0].tolist()
+    if not ids or max(ids) >= cfg.vocab_size:
+        raise UserError(f"--prompt {prompt!r}: encodes to no tokens or to ids beyond the model's vocabulary "
+                        f"({cfg.vocab_size}); pass a non-empty prompt and the run's own tokenizer")
+    return torch.tensor([ids[-cfg.seq_len:]], dtype=torch.long)
+
+
 @torch.no_grad()
-def run(model: nn.Module, cfg: TrainConfig, inputs: torch.Tensor, generate: int = 0) -> list:
-    """Toy: the 8 outputs. Transformer: greedy continuation of ``generate`` tokens (at least one)."""
+def run(model: nn.Module, cfg: TrainConfig, inputs: torch.Tensor, generate: int = 0, temperature: float = 0.0,
+        seed: int = 0) -> list:
+    """Toy: the 8 outputs. Transformer: the next ``generate`` tokens (at least one), greedy at
+    temperature 0, else sampled (seeded)."""
     if cfg.model == "toy":
         return [round(v, 6) for v in model(inputs)[0].tolist()]
+    generator = torch.Generator().manual_seed(seed)
     tokens = inputs
     for _ in range(max(1, generate)):
-        logits = model(tokens[:, -cfg.seq_len:])
-        tokens = torch.cat([tokens, logits[:, -1:].argmax(dim=-1)], dim=1)
+        logits = model(tokens[:, -cfg.seq_len:])[:, -1]
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator)
+        else:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
     return tokens[0, inputs.shape[1]:].tolist()

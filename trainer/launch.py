@@ -25,8 +25,9 @@ from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.marker import SaveReason, require_same_shape
 from trainer.config import TrainConfig, config_to_args
+from trainer.data import TrainingData, check_same_data
 from trainer.metrics import read_metrics
-from trainer.models import build_model
+from trainer.models import build_model, shard_units
 from trainer.seeding import check_matches, read_model_state
 
 # What in-place restarts need from torchrun, set by ``local`` and ``launch`` unless the user set it.
@@ -61,15 +62,18 @@ def torchrun_prefix(*extra: str) -> list[str]:
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """The checks a worker would fail on, done once up front with a one-line message."""
     cfg.check_world_size(world_size)
+    data = TrainingData(cfg)
     ensure_writable(cfg.checkpoint_dir)
     JobLock(Path(cfg.checkpoint_dir), run_id="", ttl=cfg.lock_ttl).refuse_if_held()
     if not cfg.no_resume and cfg.resume_from is None:
         committed = committed_checkpoints(cfg.checkpoint_dir)
         if committed:
             require_same_shape(committed[-1].path, committed[-1].marker, cfg.shape_fields())
+            check_same_data(cfg, committed[-1].marker.dataset, data.info and data.info.fingerprint())
+    with torch.device("meta"):  # shapes only: no memory, no init cost; a model that cannot be built fails here
+        model = build_model(cfg)
+    shard_units(model, cfg.shard_modules, cfg.model)
     if cfg.init_from:
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            model = build_model(cfg)
         check_matches(model, read_model_state(cfg.init_from), cfg.init_from)
 
 

@@ -29,15 +29,22 @@ def read_metrics(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
 class MetricsWriter:
     """Appends records on rank 0; other ranks hold a writer that does nothing."""
 
-    def __init__(self, checkpoint_dir: str | Path, enabled: bool) -> None:
+    def __init__(self, checkpoint_dir: str | Path, enabled: bool, tensorboard: bool = False) -> None:
         self.path = Path(checkpoint_dir) / METRICS_FILE
         self.enabled = enabled
         self._warned = False
+        self._sinks = []
+        if enabled and tensorboard:
+            from trainer.tensorboard_sink import TensorBoardSink
+
+            self._sinks.append(TensorBoardSink(checkpoint_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {**record, "time": round(time.time(), 3)}
+        for sink in self._sinks:
+            sink.write(record)
         try:
             with self.path.open("a") as out:
                 out.write(json.dumps(record) + "\n")
@@ -47,9 +54,13 @@ class MetricsWriter:
                             self.path, exc.strerror)
                 self._warned = True
 
-    def step(self, step: int, loss: float, world_size: int, samples_per_s: float, lr: float) -> None:
+    def step(self, step: int, loss: float, world_size: int, samples_per_s: float, lr: float, **extra: Any) -> None:
         self.write({"event": "step", "step": step, "loss": loss, "world_size": world_size,
-                    "samples_per_s": round(samples_per_s, 2), "lr": lr})
+                    "samples_per_s": round(samples_per_s, 2), "lr": lr, **extra})
 
     def event(self, name: str, **fields: Any) -> None:
         self.write({"event": name, **fields})
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()

@@ -16,6 +16,7 @@ from trainer.metrics import METRICS_FILE, read_metrics
 class RunSummary:
     steps: list[dict[str, Any]] = field(default_factory=list)
     starts: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
     max_steps: int | None = None
 
@@ -34,6 +35,8 @@ def summarize(directory: str | Path) -> RunSummary:
             summary.starts.append(record)
             summary.max_steps = record.get("max_steps", summary.max_steps)
             summary.ended = False
+        elif event == "eval":
+            summary.evals.append(record)
         elif event == "end":
             summary.ended = True
     return summary
@@ -70,7 +73,10 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
     committed = committed_checkpoints(directory)
     lines = [f"run in {directory}: {'finished' if run.ended else 'in progress or stopped'}",
              f"  step {last.get('step', 0)}/{run.max_steps}, loss {last.get('loss', float('nan')):.5f}, "
-             f"world size {last.get('world_size', '-')}, {last.get('samples_per_s', 0):.0f} samples/s"]
+             f"world size {last.get('world_size', '-')}, {last.get('samples_per_s', 0):.0f} samples/s"
+             + (f", epoch {last['epoch']}, {last['tokens_seen']:,} tokens" if "epoch" in last else "")]
+    if run.evals:
+        lines.append(f"  held-out loss {run.evals[-1]['loss']:.5f} at step {run.evals[-1]['step']}")
     if committed:
         newest = committed[-1].marker
         lines.append(f"  last checkpoint: step {newest.step} ({newest.reason.value}, world size "
@@ -125,7 +131,8 @@ def watch(directory: str, poll: float = 1.0, timeout: float | None = None) -> in
             if run.steps:
                 last = run.steps[-1]
                 bar.update(last["step"] - bar.n)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", world=last["world_size"],
+                evaluated = {"eval": f"{run.evals[-1]['loss']:.4f}"} if run.evals else {}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", **evaluated, world=last["world_size"],
                                 samples_s=f"{last['samples_per_s']:.0f}")
             if run.ended:
                 return 0
@@ -149,11 +156,14 @@ def plot(directory: str, output: str, width: float = 10.0, height: float = 5.0, 
     figure, axes = plt.subplots(figsize=(width, height), dpi=dpi)
     axes.plot([s["step"] for s in run.steps], [s["loss"] for s in run.steps], color="tab:blue", lw=1.2,
               label="loss")
+    if run.evals:
+        axes.plot([e["step"] for e in run.evals], [e["loss"] for e in run.evals], color="tab:orange", lw=1.5,
+                  marker="o", ms=3, label="held-out loss")
     loss_at = {s["step"]: s["loss"] for s in run.steps}
     points = [(c.step, loss_at[c.step]) for c in committed_checkpoints(directory) if c.step in loss_at]
     if points:
         axes.scatter(*zip(*points), color="tab:green", zorder=3, s=24, label="committed checkpoint")
-    top = max(loss_at.values())
+    top = max([*loss_at.values(), *(e["loss"] for e in run.evals)])
     for resume in run.resumes:
         step = resume["resumed_from"]["step"]
         axes.axvline(step, color="tab:red", ls="--", lw=1)
@@ -163,7 +173,7 @@ def plot(directory: str, output: str, width: float = 10.0, height: float = 5.0, 
     axes.set_ylabel("loss")
     axes.set_title(f"training loss ({Path(directory).resolve().name})")
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: it never hides a label
     figure.tight_layout()
     figure.savefig(output)
     plt.close(figure)

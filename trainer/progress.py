@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -27,7 +28,7 @@ class StepReporter:
             self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
             self._redirect.__enter__()
 
-    def step(self, step: int, loss: float, world_size: int, lr: float, metrics: MetricsWriter) -> None:
+    def step(self, step: int, loss: float, world_size: int, lr: float, metrics: MetricsWriter, **extra: Any) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)  # the bar moves every step; records follow --log-every
         if not self.enabled or (step % self.cfg.log_every and step != self.cfg.max_steps):
@@ -35,12 +36,17 @@ class StepReporter:
         now = time.perf_counter()
         rate = (step - self._last_step) * self.cfg.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step
-        metrics.step(step, loss, world_size, rate, lr)
+        metrics.step(step, loss, world_size, rate, lr, **extra)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", world=world_size, samples_s=f"{rate:.0f}")
         else:
             log.info("step %d/%d | loss %.5f | world %d | %.0f samples/s | lr %.2e",
                      step, self.cfg.max_steps, loss, world_size, rate, lr)
+
+    def evaluation(self, step: int, loss: float, metrics: MetricsWriter) -> None:
+        metrics.event("eval", step=step, loss=loss)
+        if self.enabled:
+            log.info("step %d/%d | eval loss %.5f", step, self.cfg.max_steps, loss)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,4 +1,5 @@
-"""Seed a fresh run from a ``torch.save``d model state dict, sharded at whatever world size starts."""
+"""Seed a fresh run from a ``torch.save``d model state dict or a Hugging Face safetensors folder,
+sharded at whatever world size starts."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ def load_torch_file(path: str, label: str) -> object:
 
 
 def read_model_state(path: str) -> dict[str, torch.Tensor]:
-    """A plain model state dict, or the model part of a ``fsdp-train convert dcp-to-torch`` file."""
+    """A plain model state dict, the model part of a ``fsdp-train convert dcp-to-torch`` file, or the
+    weights of an ``export-hf`` (Llama) safetensors folder."""
+    from trainer.hf_export import is_hf_folder, read_hf_weights
+
+    if is_hf_folder(path):
+        return read_hf_weights(path)
     state = load_torch_file(path, f"--init-from {path}")
     if isinstance(state, dict) and STATE_KEY in state and "model" in state[STATE_KEY]:
         state = state[STATE_KEY]["model"]

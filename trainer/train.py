@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from trainer.agent import read_failure
 from trainer.checkpoint.app_state import AppState, Progress, init_optimizer_state
@@ -22,26 +21,49 @@ from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.settings import CheckpointSettings, RunIdentity
 from trainer.config import TrainConfig
-from trainer.data import SyntheticData, rank_slice
+from trainer.data import Prefetcher, TrainingData, check_same_data, rank_slice
 from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter, read_metrics
-from trainer.models import build_model, per_sample_loss
+from trainer.models import build_model, per_sample_loss, recompute_activations, shard_units
 from trainer.phases import PhaseClock, what_it_recovered_from
 from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
 from trainer.progress import StepReporter
+from trainer.schedule import new_scheduler, rebase, setting_changes
 from trainer.seeding import load_initial_weights
 
 log = logging.getLogger("fsdp_train")
 
 
-def lr_multiplier(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over the decay horizon."""
-    horizon = max(cfg.decay_steps or cfg.max_steps, 1)
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 parameters and compute, fp32 gradient reduction; the sharded weights stay fp32."""
+    if mode == "none":
+        return MixedPrecisionPolicy()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--mixed-precision bf16: {torch.cuda.get_device_name(device)} has no bf16; pass "
+                        "--mixed-precision none")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def micro_batches(count: int, size: int | None, most: int) -> list[tuple[int, int]]:
+    """[lo, hi) spans of at most ``size`` samples covering ``count``, as even as possible. Every rank
+    runs the same number of them, enough for the largest share (``most``), so the collectives FSDP2
+    issues per forward and backward pair up across ranks; a rank with fewer samples than spans
+    gets an empty one (lo == hi), which it runs as a zero-weight repeat of a sample."""
+    parts = -(-most // size) if size else 1
+    base, extra = divmod(count, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
+    return list(zip(bounds, bounds[1:]))
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float | None:
+    """Clip to ``max_norm`` by the global norm over every shard; returns that norm (None: off)."""
+    if not max_norm:
+        return None
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def run_id_from_env() -> str:
@@ -70,10 +92,13 @@ class Trainer:
         ends the worker at once: the state is still the checkpoint's."""
         cfg, clock = self.cfg, self.clock
         self.stop.exit_at_once()
+        self.data = TrainingData(cfg)  # bad data fails here, before anything is written
         if "TORCHELASTIC_RUN_ID" in os.environ:
             exit_when_orphaned()
         self.rt: Runtime = init_runtime(cfg.device, cfg.collective_timeout)
         cfg.check_world_size(self.rt.world_size)
+        self.largest_share = -(-cfg.global_batch_size // self.rt.world_size)  # rank 0's, the largest
+        self.policy = mixed_precision_policy(cfg.mixed_precision, self.rt.device)
         clock.lap("init_process_group")
         on_primary(self.rt, ensure_writable, cfg.checkpoint_dir)
         self.run_id = run_id_from_env()
@@ -83,22 +108,36 @@ class Trainer:
 
         self.model = build_model(cfg).to(self.rt.device)
         clock.lap("build_model")
-        for unit in self.model.shard_units():
-            fully_shard(unit)
-        fully_shard(self.model)
+        for unit in shard_units(self.model, cfg.shard_modules, cfg.model):
+            if cfg.activation_checkpointing == "full":
+                recompute_activations(unit)
+            if cfg.compile:
+                unit.compile()  # in place: the state dict keeps its keys
+            fully_shard(unit, mp_policy=self.policy)
+        fully_shard(self.model, mp_policy=self.policy)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(cfg, s))
+        self.scheduler = new_scheduler(self.optimizer, cfg)
         init_optimizer_state(self.optimizer)
         self.app_state = AppState(self.model, self.optimizer, self.scheduler, self.progress, cfg.seed)
         clock.lap("shard")
+        fingerprint = self.data.info.fingerprint() if self.data.info else None
         self.checkpoints = CheckpointManager(CheckpointSettings.from_config(cfg), self.rt, self.app_state,
-                                             RunIdentity.from_config(cfg, self.run_id))
-        if self.checkpoints.start() is None and cfg.init_from:
+                                             RunIdentity.from_config(cfg, self.run_id, fingerprint))
+        resumed = self.checkpoints.start()
+        if resumed is None and cfg.init_from:
             load_initial_weights(self.model, cfg.init_from)
+        self.changes: list[str] = []
+        if resumed is not None:
+            marker = resumed.info.marker
+            check_same_data(cfg, marker.dataset, fingerprint)
+            self.changes = setting_changes(marker.config, cfg, self.progress.step, marker.dataset, fingerprint)
+            for change in self.changes if self.rt.is_primary else ():
+                log.warning("resumed with another setting: %s", change)
+            rebase(self.optimizer, self.scheduler, cfg)
         clock.record(self.checkpoints.start_phases)
         self.first_step = self.progress.step  # where this run segment starts
-        self.data = SyntheticData(cfg)
-        self.metrics = MetricsWriter(cfg.checkpoint_dir, enabled=self.rt.is_primary)
+        self.loader = Prefetcher(self.data.train)
+        self.metrics = MetricsWriter(cfg.checkpoint_dir, enabled=self.rt.is_primary, tensorboard=cfg.tensorboard)
         self.reporter = StepReporter(cfg, self.rt.is_primary, self.progress.step)
 
     def _record_start(self) -> None:
@@ -114,7 +153,8 @@ class Trainer:
         resumed_from = self.checkpoints.resumed_from
         self.metrics.event("start", step=self.first_step, world_size=self.rt.world_size, run_id=self.run_id,
                            resumed_from=resumed_from and dataclasses.asdict(resumed_from),
-                           recovered_from=recovered, max_steps=self.cfg.max_steps, phases=self.clock.phases)
+                           recovered_from=recovered, max_steps=self.cfg.max_steps, phases=self.clock.phases,
+                           setting_changes=self.changes)
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[float, bool]:
@@ -123,19 +163,49 @@ class Trainer:
         step = self.progress.step + 1
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # any randomness comes from (seed, step), never rank
         start, stop = rank_slice(cfg.global_batch_size, rt.world_size, rt.rank)
-        inputs, targets = self.data.batch(self.progress.samples_seen + start, stop - start)
-        inputs, targets = inputs.to(rt.device), targets.to(rt.device)
-        losses = per_sample_loss(cfg.model, self.model(inputs), targets)
-        (losses.sum() * (rt.world_size / cfg.global_batch_size)).backward()
+        first = self.progress.samples_seen + start
+        inputs, targets = self.loader.batch(first, stop - start)
+        self.loader.fetch_ahead(first + cfg.global_batch_size, stop - start)
+        loss_sum = torch.zeros((), device=rt.device)
+        chunks = micro_batches(stop - start, cfg.micro_batch_size, self.largest_share)
+        for index, (lo, hi) in enumerate(chunks):
+            self.model.set_requires_gradient_sync(index == len(chunks) - 1)  # reduce once, after the last
+            losses = self._losses(inputs, targets, lo, hi)
+            (losses.sum() * (rt.world_size / cfg.global_batch_size)).backward()
+            loss_sum += losses.detach().sum().float()
+        self.grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.progress.step = step
         self.progress.samples_seen += cfg.global_batch_size
-        totals = torch.stack([losses.detach().sum().float(),
-                              torch.tensor(float(self.stop.requested), device=rt.device)])
+        totals = torch.stack([loss_sum, torch.tensor(float(self.stop.requested), device=rt.device)])
         dist.all_reduce(totals)  # the loss for the record, and whether any rank was told to stop
         return totals[0].item() / cfg.global_batch_size, bool(totals[1].item() > 0)
+
+    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Per-sample losses of samples [lo, hi); an empty span runs sample ``lo`` with weight 0."""
+        device = self.rt.device
+        if hi > lo:
+            return per_sample_loss(self.cfg.model, self.model(inputs[lo:hi].to(device)), targets[lo:hi].to(device))
+        padding = slice(0, 1)
+        return per_sample_loss(self.cfg.model, self.model(inputs[padding].to(device)),
+                               targets[padding].to(device)) * 0.0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss on the same ``eval_batches`` global batches of held-out samples every time."""
+        cfg, rt = self.cfg, self.rt
+        start, stop = rank_slice(cfg.global_batch_size, rt.world_size, rt.rank)
+        total = torch.zeros((), device=rt.device)
+        self.model.eval()
+        for batch in range(cfg.eval_batches):
+            inputs, targets = self.data.held_out.batch(batch * cfg.global_batch_size + start, stop - start)
+            for lo, hi in micro_batches(stop - start, cfg.micro_batch_size, self.largest_share):
+                total += self._losses(inputs, targets, lo, hi).sum().float()
+        self.model.train()
+        dist.all_reduce(total)
+        return total.item() / (cfg.eval_batches * cfg.global_batch_size)
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:
@@ -151,7 +221,13 @@ class Trainer:
             if "first_step" not in self.clock.phases:
                 self.clock.lap("first_step")
                 self._record_start()
-            self.reporter.step(step, loss, self.rt.world_size, self.scheduler.get_last_lr()[0], self.metrics)
+            extra = self.data.position(self.progress.samples_seen)
+            if self.cfg.max_grad_norm:
+                extra["grad_norm"] = self.grad_norm
+            self.reporter.step(step, loss, self.rt.world_size, self.scheduler.get_last_lr()[0], self.metrics,
+                               **extra)
+            if self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.data.held_out is not None:
+                self.reporter.evaluation(step, self.evaluate(), self.metrics)
             if stop_agreed:
                 return self._stop_with_checkpoint(step, loss)
             self.checkpoints.maybe_save(step, loss, final=step == max_steps)
@@ -172,6 +248,8 @@ class Trainer:
         return 0 if self.stop.requested else EXIT_PEER_PREEMPTED
 
     def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()
         self.checkpoints.close()
         if self.rt.is_primary:
             self.lock.release()

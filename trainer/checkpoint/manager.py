@@ -196,6 +196,7 @@ class CheckpointManager:
         world = self.rt.world_size
         return CommitMarker(step=step, world_size=world, reason=reason, run_id=self.identity.run_id, loss=loss,
                             resumed_from=self.resumed_from, shape=self.identity.shape, config=self.identity.config,
+                            dataset=self.identity.dataset,
                             sharding=f"FSDP2 fully_shard, dim-0 shards over {world} rank(s)")
 
     def _storage_writer(self, path: Path, draft: CommitMarker) -> CommittingWriter:

@@ -94,6 +94,7 @@ class CommitMarker:
     resumed_from: Lineage | None = None
     shape: dict[str, Any] = field(default_factory=dict)  # the model-shape settings (compared on resume)
     config: dict[str, Any] = field(default_factory=dict)  # the whole training config
+    dataset: dict[str, Any] | None = None  # the token dataset's fingerprint (compared on resume); None: synthetic
     sharding: str | None = None
     torch_version: str = torch.__version__
     format: int = FORMAT_VERSION
@@ -138,6 +139,7 @@ class CommitMarker:
                                                               _require(resumed, "world_size", int, minimum=1)),
             shape=_require(data, "shape", dict, optional=True) or {},
             config=_require(data, "config", dict, optional=True) or {},
+            dataset=_require(data, "dataset", dict, optional=True),
             sharding=_require(data, "sharding", str, optional=True),
             torch_version=_require(data, "torch_version", str), format=version, files=files,
             bytes=data["bytes"], created=float(_require(data, "created", (int, float), minimum=0)),

@@ -48,7 +48,8 @@ class RunIdentity:
     run_id: str
     shape: dict[str, Any]  # the model-shape settings a resume must match
     config: dict[str, Any]  # the whole training config, for ``infer`` and the record
+    dataset: dict[str, Any] | None = None  # the token dataset's fingerprint; None: synthetic data
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, run_id: str) -> RunIdentity:
-        return cls(run_id, cfg.shape_fields(), cfg.to_dict())
+    def from_config(cls, cfg: TrainConfig, run_id: str, dataset: dict[str, Any] | None = None) -> RunIdentity:
+        return cls(run_id, cfg.shape_fields(), cfg.to_dict(), dataset)

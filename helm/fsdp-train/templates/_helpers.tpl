@@ -103,6 +103,9 @@ labels:
 {{- if and (not .Values.checkpoint.pvc.create) (not .Values.checkpoint.pvc.existingClaim) }}
 {{- fail "no checkpoint storage: set checkpoint.pvc.create=true or checkpoint.pvc.existingClaim=<claim>" }}
 {{- end }}
+{{- if and .Values.data.existingClaim (hasKey .Values.trainer "data") }}
+{{- fail "trainer.data is set by data.existingClaim and data.mountPath; remove it from trainer" }}
+{{- end }}
 {{- if hasKey .Values.trainer "checkpoint_dir" }}
 {{- fail "trainer.checkpoint_dir is set by checkpoint.dir; remove it from trainer" }}
 {{- end }}
@@ -122,6 +125,9 @@ labels:
 {{- $_ := set $config "checkpoint_dir" .Values.checkpoint.dir }}
 {{- $_ := set $config "checkpoint_every" .Values.checkpoint.every }}
 {{- $_ := set $config "device" (ternary "cuda" "cpu" .Values.gpu.enabled) }}
+{{- if .Values.data.existingClaim }}
+{{- $_ := set $config "data" (trimSuffix "/" (printf "%s/%s" .Values.data.mountPath .Values.data.subPath)) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -297,6 +303,13 @@ containers:
         value: /tmp
       - name: PYTHONUNBUFFERED
         value: "1"
+      {{- with $v.pythonPath }}
+      - name: PYTHONPATH
+        value: {{ join ":" . | quote }}
+      {{- end }}
+      {{- with $v.extraEnv }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
     ports:
       - name: rendezvous
         containerPort: {{ $v.elastic.rendezvousPort }}
@@ -324,6 +337,14 @@ containers:
         mountPath: /dev/shm
       - name: tmp
         mountPath: /tmp
+      {{- if $v.data.existingClaim }}
+      - name: data
+        mountPath: {{ $v.data.mountPath }}
+        readOnly: true
+      {{- end }}
+      {{- with $v.extraVolumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 volumes:
   - name: checkpoints
     persistentVolumeClaim:
@@ -337,4 +358,13 @@ volumes:
       sizeLimit: {{ $v.shmSize }}
   - name: tmp
     emptyDir: {}
+  {{- if $v.data.existingClaim }}
+  - name: data
+    persistentVolumeClaim:
+      claimName: {{ $v.data.existingClaim }}
+      readOnly: true
+  {{- end }}
+  {{- with $v.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}
