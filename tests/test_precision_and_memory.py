@@ -61,3 +61,15 @@ def test_compiled_shard_units_train_the_same_model(tmp_path):
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
     print(f"\n--compile vs eager after 3 steps: max |diff| {worst:.2e}")
     assert left.keys() == right.keys() and worst <= ATOL
+
+
+def test_ranks_short_of_samples_pad_their_micro_batches_without_changing_the_update(tmp_path):
+    """Global batch 8 on 3 ranks is 3/3/2 samples; micro-batches of 1 make 3 on every rank, so the
+    rank with 2 runs one zero-weight repeat to keep FSDP2's collectives paired."""
+    whole, padded = tmp_path / "whole", tmp_path / "padded"
+    train(whole, 3, 6)
+    train(padded, 3, 6, "--micro-batch-size", "1")
+    left, right = state(whole, 6), state(padded, 6)
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    print(f"\nmicro-batches of 1 with a padded rank vs one pass: max |diff| {worst:.2e}")
+    assert left.keys() == right.keys() and worst <= ATOL

@@ -17,7 +17,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import TOY_IN, TOY_OUT
-from trainer.token_data import DatasetInfo, TokenWindows, open_dataset
+from trainer.token_data import DatasetInfo, TokenWindows, open_dataset, same_data
 
 LM_NOISE = 0.1  # fraction of tokens drawn at random instead of following the chain
 HELD_OUT_SYNTHETIC = 1 << 48  # synthetic evaluation samples start here: never reached by training
@@ -135,7 +135,7 @@ class _Offset:
 def check_same_data(cfg: TrainConfig, recorded: dict[str, Any] | None,
                     current: dict[str, Any] | None) -> None:
     """Refuse, in one line, to resume on other data, unless asked to."""
-    if cfg.allow_data_change or (recorded or {}).get("sha256") == (current or {}).get("sha256"):
+    if cfg.allow_data_change or same_data(recorded, current):
         return
     was = "synthetic data" if recorded is None else "another dataset"
     raise UserError(f"--data {cfg.data or '(none: synthetic)'}: the checkpoint was trained on {was} (its token files' "

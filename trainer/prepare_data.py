@@ -28,7 +28,7 @@ from tqdm import tqdm
 from trainer.data_sources import DocumentReader, SourceOptions, discover
 from trainer.errors import UserError
 from trainer.token_data import DATASET_FILE, FORMAT_VERSION, SPLITS, token_dtype
-from trainer.tokenizer import TOKENIZER_FILE, Tokenizer, open_tokenizer, train_bpe
+from trainer.tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, open_tokenizer, train_bpe
 
 CHUNK_CHARS = 4 << 20  # text per tokenizer task
 CHUNKS_AHEAD_PER_WORKER = 2
@@ -38,7 +38,7 @@ CHUNKS_AHEAD_PER_WORKER = 2
 class PrepareOptions:
     inputs: list[str]
     out: Path
-    tokenizer: str = "bytes"  # "bytes" or a tokenizer.json
+    tokenizer: str = BYTES  # the byte tokenizer, or the path of a tokenizer.json
     train_tokenizer: int | None = None  # vocabulary size of a BPE to train on the inputs
     val_fraction: float = 0.01
     workers: int = 0  # 0: one per CPU, at most 8
@@ -102,7 +102,7 @@ def _chunks(documents: Iterator[str], progress: tqdm) -> Iterator[list[str]]:
 def _encoded(chunks: Iterator[list[str]], tokenizer_name: str, workers: int) -> Iterator[list[np.ndarray]]:
     """The token arrays of each chunk, in order, with at most a few chunks in flight. The byte
     tokenizer is a memory copy: shipping text to other processes would cost more than it saves."""
-    if tokenizer_name == "bytes" or workers == 1:
+    if tokenizer_name == BYTES or workers == 1:
         _init_worker(tokenizer_name)
         yield from map(_encode, chunks)
         return
@@ -150,7 +150,7 @@ def _write(options: PrepareOptions, files: list[Path], scratch: Path) -> dict[st
         tokenizer_name = str(scratch / TOKENIZER_FILE)
     else:
         tokenizer = open_tokenizer(tokenizer_name)
-        if tokenizer_name != "bytes":
+        if tokenizer_name != BYTES:
             shutil.copyfile(tokenizer_name, scratch / TOKENIZER_FILE)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: SplitWriter(scratch / f"{split}.bin", dtype) for split in SPLITS}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig
+from trainer.token_data import same_data
 
 
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:
@@ -65,7 +66,7 @@ def setting_changes(recorded: dict[str, Any], cfg: TrainConfig, step: int, recor
     if old.global_batch_size != cfg.global_batch_size:
         changes.append(f"global_batch_size {old.global_batch_size} -> {cfg.global_batch_size}: each step now "
                        f"takes {cfg.global_batch_size} samples")
-    if (recorded_data or {}).get("sha256") != (data or {}).get("sha256"):
+    if not same_data(recorded_data, data):
         changes.append(f"dataset changed (--allow-data-change): {'synthetic' if not recorded_data else 'one'} -> "
                        f"{'synthetic' if not data else cfg.data}, continuing at the same sample index")
     return changes

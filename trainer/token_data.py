@@ -43,6 +43,7 @@ class WindowOrder:
 
     def __init__(self, n: int, seed: int, epoch: int) -> None:
         self.n = n
+        self.epoch = epoch
         self.half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
         self.half_mask = (1 << self.half_bits) - 1
         self.keys = [_mix64(_mix64(seed * 0x100000001B3 + epoch) + r) for r in range(FEISTEL_ROUNDS)]
@@ -75,6 +76,11 @@ class DatasetInfo:
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint records about its data, compared on resume."""
         return {"sha256": self.sha256, "vocab_size": self.vocab_size, "tokens": self.tokens}
+
+
+def same_data(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Whether two fingerprints (None: synthetic data) name the same token files."""
+    return (recorded or {}).get("sha256") == (current or {}).get("sha256")
 
 
 def open_dataset(directory: str | Path) -> DatasetInfo:
@@ -132,8 +138,8 @@ class TokenWindows:
         epoch, position = divmod(index, self.windows)
         if not self.shuffle:
             return position
-        if self._order is None or self._order_epoch != epoch:
-            self._order, self._order_epoch = WindowOrder(self.windows, self.seed, epoch), epoch
+        if self._order is None or self._order.epoch != epoch:
+            self._order = WindowOrder(self.windows, self.seed, epoch)
         return self._order[position]
 
     def batch(self, first_index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,13 +184,10 @@ class Trainer:
         return totals[0].item() / cfg.global_batch_size, bool(totals[1].item() > 0)
 
     def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Per-sample losses of samples [lo, hi); an empty span runs sample ``lo`` with weight 0."""
-        device = self.rt.device
-        if hi > lo:
-            return per_sample_loss(self.cfg.model, self.model(inputs[lo:hi].to(device)), targets[lo:hi].to(device))
-        padding = slice(0, 1)
-        return per_sample_loss(self.cfg.model, self.model(inputs[padding].to(device)),
-                               targets[padding].to(device)) * 0.0
+        """Per-sample losses of samples [lo, hi); an empty span runs the first sample with weight 0."""
+        device, span = self.rt.device, slice(lo, hi) if hi > lo else slice(0, 1)
+        losses = per_sample_loss(self.cfg.model, self.model(inputs[span].to(device)), targets[span].to(device))
+        return losses if hi > lo else losses * 0.0
 
     @torch.no_grad()
     def evaluate(self) -> float:
