@@ -13,7 +13,9 @@ step time the median time between consecutive steps of the same run (restarts an
 rare among them). Taking it from each run itself keeps the machine's drift between runs (10-15 %
 here) out of the comparison. Also reported:
 steps lost per failure and each recovery (kill to the end of the first step after it). The table
-covers ``--intervals`` and ``--checkpoint-every``; the top-level figures are those of the latter.
+covers ``--intervals`` and ``--checkpoint-every``, once per ``--modes`` (default ``cold,warm``: as
+before the memory tier, with fresh interpreters and disk restores, and as now); the top-level
+figures are those of ``--checkpoint-every`` in the last mode.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import LocalJob, last_step, records, wait_for
+from bench.jobs import MODES, LocalJob, last_step, records, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def flags(every: str, args: argparse.Namespace) -> list[str]:
+def flags(every: str, mode: str, args: argparse.Namespace) -> list[str]:
     return ["--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"), "--max-steps", str(10**6),
             "--no-progress", "--max-restarts", "1000", "--checkpoint-every", every, "--keep-last", "2",
-            "--log-every", "1", "--no-checkpoint-first-step", "--expected-mtbf", str(args.kill_every), *args.extra]
+            "--log-every", "1", "--no-checkpoint-first-step", "--expected-mtbf", str(args.kill_every),
+            *MODES[mode][0], *args.extra]
 
 
 def clean_step_seconds(steps: list[dict[str, Any]]) -> float:
@@ -54,8 +57,8 @@ def kill_schedule(args: argparse.Namespace) -> list[tuple[float, int]]:
         kills.append((at, rng.randrange(2)))
 
 
-def run_one(work: Path, every: str, args: argparse.Namespace) -> dict[str, Any]:
-    job = LocalJob(work, work.with_suffix(".log"), *flags(every, args))
+def run_one(work: Path, every: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    job = LocalJob(work, work.with_suffix(".log"), *flags(every, mode, args), env=MODES[mode][1])
     kills: list[float] = []
     try:
         wait_for(lambda: last_step(work) >= 1, 300, "the first step")
@@ -76,7 +79,9 @@ def run_one(work: Path, every: str, args: argparse.Namespace) -> dict[str, Any]:
     recovery = [start["time"] - kill for kill, start in zip(kills, starts)]
     lost = [start["recovered_from"].get("steps_lost", 0) for start in starts]
     wall, clean_s = end - begin, clean_step_seconds(records(work, "step"))
-    return {"every": every, "goodput": (end_step - begin_step) * clean_s / wall, "failures": len(kills),
+    tiers = [start.get("restored_from") for start in starts]
+    return {"every": every, "mode": mode, "goodput": (end_step - begin_step) * clean_s / wall, "failures": len(kills),
+            "restored_from": {tier: tiers.count(tier) for tier in sorted(set(tiers), key=str)},
             "clean_step_s": clean_s,
             "steps_lost_per_failure": statistics.mean(lost) if lost else 0.0, "recovery_s": recovery,
             "steps_kept": end_step - begin_step, "wall_s": wall}
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", default="auto", help="K or auto: the headline interval (default auto)")
     parser.add_argument("--intervals", default="10,25,50", help="fixed intervals for the table (default 10,25,50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule (default 0)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: cold (as before: fresh "
+                        "interpreters, disk restores), warm (now); default both")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     parser.add_argument("extra", nargs="*", help="more flags for the job (after --)")
     args = parser.parse_args(argv)
@@ -99,22 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(kill_schedule(args))} kills in {args.minutes:g} min per interval (mean every "
               f"{args.kill_every:g}s, seed {args.seed})", flush=True)
         rows = []
-        for every in table:
-            row = run_one(Path(tmp) / f"every-{every}", every, args)
-            rows.append(row)
-            recovery = statistics.median(row["recovery_s"]) if row["recovery_s"] else float("nan")
-            print(f"  every {every:>5}: goodput {row['goodput']:6.1%}  failures {row['failures']}  steps lost per "
-                  f"failure {row['steps_lost_per_failure']:5.1f}  recovery median {recovery:4.1f}s  clean step "
-                  f"{row['clean_step_s'] * 1000:.0f} ms", flush=True)
-    headline = next(row for row in rows if row["every"] == args.checkpoint_every)
-    fixed = [row for row in rows if row["every"] != "auto"]
-    if headline["every"] == "auto" and fixed:
-        best = max(fixed, key=lambda row: row["goodput"])
-        print(f"auto {headline['goodput']:.1%} vs best fixed (every {best['every']}) {best['goodput']:.1%}: "
-              f"{(headline['goodput'] - best['goodput']) * 100:+.1f} points")
+        for mode in args.modes.split(","):
+            for every in table:
+                row = run_one(Path(tmp) / f"{mode}-every-{every}", every, mode, args)
+                rows.append(row)
+                recovery = statistics.median(row["recovery_s"]) if row["recovery_s"] else float("nan")
+                tiers = ", ".join(f"{tier} x{count}" for tier, count in row["restored_from"].items())
+                print(f"  {mode} every {every:>5}: goodput {row['goodput']:6.1%}  failures {row['failures']}  steps "
+                      f"lost per failure {row['steps_lost_per_failure']:5.1f}  recovery median {recovery:4.1f}s  "
+                      f"clean step {row['clean_step_s'] * 1000:.0f} ms  restored from {tiers or '-'}", flush=True)
+            mode_rows = [row for row in rows if row["mode"] == mode]
+            headline = next(row for row in mode_rows if row["every"] == args.checkpoint_every)
+            fixed = [row for row in mode_rows if row["every"] != "auto"]
+            if headline["every"] == "auto" and fixed:
+                best = max(fixed, key=lambda row: row["goodput"])
+                print(f"  {mode}: auto {headline['goodput']:.1%} vs best fixed (every {best['every']}) "
+                      f"{best['goodput']:.1%}: {(headline['goodput'] - best['goodput']) * 100:+.1f} points")
     result = {"goodput": headline["goodput"], "steps_lost_per_failure": headline["steps_lost_per_failure"],
-              "recovery_s": headline["recovery_s"], "failures": headline["failures"],
-              "intervals": [{"every": row["every"], "goodput": row["goodput"]} for row in rows], "rows": rows}
+              "recovery_s": headline["recovery_s"], "failures": headline["failures"], "mode": headline["mode"],
+              "intervals": [{"mode": row["mode"], "every": row["every"], "goodput": row["goodput"]} for row in rows],
+              "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.metrics import read_metrics
+from trainer.launcher.worker import NAME_PREFIX
+from trainer.metrics.records import read_metrics
 
 # torchrun's agent logs in glog format: "W1201 12:52:04.129000 3972 .../api.py:1028] message"
 AGENT_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+ (\S+)\] (.*)$")
@@ -25,15 +26,35 @@ AGENT_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+
 AGENT_REACTS = ("closing signal", "failed (exitcode")
 
 
+def _ancestors_cmdlines(pid: int, depth: int = 4) -> list[bytes]:
+    """The command lines of ``pid``'s parent, grandparent, ... (``depth`` of them at most)."""
+    found = []
+    for _ in range(depth):
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[1])
+            found.append((Path("/proc") / str(pid) / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
 def worker_pids(marker: str) -> dict[int, int]:
-    """{rank: pid} of trainer workers whose command line contains ``marker`` (e.g. the checkpoint dir)."""
+    """{rank: pid} of the trainer workers of the job whose command line contains ``marker`` (e.g. its
+    checkpoint dir): workers forked by a warm agent (named ``fsdp-rank<RANK>``, the job's agent among
+    their ancestors), or fresh interpreters running ``train`` (with ``RANK`` in their environment)."""
     found = {}
+    needle = marker.encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
+            comm = (proc / "comm").read_text().strip()
+            if comm.startswith(NAME_PREFIX) and comm[len(NAME_PREFIX):].isdigit():
+                if any(needle in cmdline for cmdline in _ancestors_cmdlines(int(proc.name))):
+                    found[int(comm[len(NAME_PREFIX):])] = int(proc.name)
+                continue
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"train" not in cmdline or marker.encode() not in cmdline:
+            if b"train" not in cmdline or needle not in cmdline:
                 continue
             env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
         except OSError:
@@ -99,19 +120,27 @@ def breakdown(event: float, start: dict[str, Any], reacted: float | None) -> dic
     reacted = spawned if reacted is None else reacted
     return {"detection_s": reacted - event, "stop_s": spawned - reacted, "restart_s": start["time"] - spawned,
             "total_s": start["time"] - event, "steps_lost": (start.get("recovered_from") or {}).get("steps_lost", 0),
-            "phases": start.get("phases") or {}}
+            "restored_from": start.get("restored_from"), "phases": start.get("phases") or {}}
+
+
+# How a recovery ran before the memory tier and the warm agent ("cold": a fresh interpreter per
+# worker and a restore from disk), and how it runs now ("warm", the defaults): the benches run both.
+MODES: dict[str, tuple[list[str], dict[str, str]]] = {
+    "cold": (["--snapshot-every", "0"], {"FSDP_TRAIN_WARM_START": "0"}),
+    "warm": ([], {}),
+}
 
 
 class LocalJob:
     """``fsdp-train local`` in the background, its own session, output to ``log``."""
 
-    def __init__(self, checkpoint_dir: Path, log: Path, *flags: str) -> None:
+    def __init__(self, checkpoint_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.dir, self.log = checkpoint_dir, log
         with log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "local", *flags,
                                           "--checkpoint-dir", str(checkpoint_dir)],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @staticmethod
     def kill_pid(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:

@@ -16,7 +16,10 @@ For each it prints the median and max of:
 - restart: spawn to the end of the first step after it (the start record's phases);
 - total: the event to the end of that first step;
 - steps lost: completed steps that were redone.
-Then the median of each start-up phase, so what to cut next is read off, not guessed.
+Then the median of each start-up phase, so what to cut next is read off, not guessed, and which
+tier each restart restored from. ``--modes cold,warm`` (the default) runs every scenario both ways
+in one run: ``cold`` as before the memory tier (a fresh interpreter per worker, a restore from
+disk), ``warm`` as now (workers forked from the agent's forkserver, a restore from memory).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.jobs import LocalJob, breakdown, first_reaction, last_step, records, wait_for
-from trainer.monitor import PHASE_NAMES
+from bench.jobs import MODES, LocalJob, breakdown, first_reaction, last_step, records, wait_for
+from trainer.tools.monitor import PHASE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("kill-one", "kill-all", "stop-one", "term-job")
@@ -40,10 +43,10 @@ STEPS_BETWEEN = 15  # steps trained between two events: past the restart's warm-
 FIGURES = ("detection_s", "stop_s", "restart_s", "total_s", "steps_lost")
 
 
-def job_flags(args: argparse.Namespace) -> list[str]:
+def job_flags(args: argparse.Namespace, mode: str) -> list[str]:
     return ["--nproc", "2", "--config", str(ROOT / "configs" / "local.yaml"), "--max-steps", str(10**6),
-            "--no-progress", "--max-restarts", str(10 * args.repeats), "--collective-timeout",
-            str(args.collective_timeout), *args.extra]
+            "--no-progress", "--log-every", "1", "--max-restarts", str(10 * args.repeats), "--collective-timeout",
+            str(args.collective_timeout), *MODES[mode][0], *args.extra]
 
 
 def wait_for_new_start(job: LocalJob, starts_before: int, timeout: float) -> dict[str, Any]:
@@ -71,9 +74,9 @@ def in_place(job: LocalJob, scenario: str, args: argparse.Namespace) -> dict[str
     return breakdown(event, start, first_reaction(job.log.read_text(errors="replace"), event))
 
 
-def fresh_start(work: Path, args: argparse.Namespace, index: int) -> dict[str, float]:
+def fresh_start(work: Path, args: argparse.Namespace, mode: str, index: int) -> dict[str, float]:
     """SIGTERM to a running job, then the same job started again."""
-    job = LocalJob(work, work / f"term-{index}.log", *job_flags(args))
+    job = LocalJob(work, work / f"term-{index}.log", *job_flags(args, mode), env=MODES[mode][1])
     try:
         reached = last_step(work)
         wait_for(lambda: last_step(work) >= reached + STEPS_BETWEEN, 300, "training to go on")
@@ -85,7 +88,7 @@ def fresh_start(work: Path, args: argparse.Namespace, index: int) -> dict[str, f
     finally:
         job.kill()
     relaunched = time.time()
-    again = LocalJob(work, work / f"term-{index}-again.log", *job_flags(args))
+    again = LocalJob(work, work / f"term-{index}-again.log", *job_flags(args, mode), env=MODES[mode][1])
     try:
         start = wait_for_new_start(again, starts, timeout=300)
     finally:
@@ -100,20 +103,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         for scenario in args.scenarios:
-            work = Path(tmp) / scenario
-            samples = []
-            if scenario == "term-job":
-                work.mkdir()
-                samples = [fresh_start(work, args, index) for index in range(args.repeats)]
-            else:
-                job = LocalJob(work, Path(tmp) / f"{scenario}.log", *job_flags(args))
-                try:
-                    wait_for(lambda w=work: last_step(w) >= 5, 300, "training to start")
-                    samples = [in_place(job, scenario, args) for _ in range(args.repeats)]
-                finally:
-                    job.stop()
-            results[scenario] = summarise(samples)
-            print_row(scenario, results[scenario])
+            for mode in args.modes:
+                work = Path(tmp) / f"{scenario}-{mode}"
+                samples = []
+                if scenario == "term-job":
+                    work.mkdir()
+                    samples = [fresh_start(work, args, mode, index) for index in range(args.repeats)]
+                else:
+                    job = LocalJob(work, Path(tmp) / f"{scenario}-{mode}.log", *job_flags(args, mode),
+                                   env=MODES[mode][1])
+                    try:
+                        wait_for(lambda w=work: last_step(w) >= 5, 300, "training to start")
+                        samples = [in_place(job, scenario, args) for _ in range(args.repeats)]
+                    finally:
+                        job.stop()
+                results.setdefault(scenario, {})[mode] = summarise(samples)
+                print_row(f"{scenario} {mode}", results[scenario][mode])
     return results
 
 
@@ -124,6 +129,8 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
         summary[figure] = {"median": statistics.median(values), "max": max(values)}
     summary["phases_median"] = {name: statistics.median(sample["phases"][name] for sample in samples)
                                 for name in PHASE_NAMES if all(name in sample["phases"] for sample in samples)}
+    tiers = [sample["restored_from"] for sample in samples]
+    summary["restored_from"] = {tier: tiers.count(tier) for tier in sorted(set(tiers), key=str)}
     return summary
 
 
@@ -131,7 +138,9 @@ def print_row(scenario: str, summary: dict[str, Any]) -> None:
     cells = "  ".join(f"{name.removesuffix('_s'):>10} {summary[name]['median']:6.2f} / {summary[name]['max']:6.2f}"
                       for name in FIGURES)
     phases = ", ".join(f"{name} {value:.2f}" for name, value in summary["phases_median"].items())
-    print(f"{scenario:9} (median / max, s)  {cells}\n{'':9} restart phases (median, s): {phases}", flush=True)
+    tiers = ", ".join(f"{tier} x{count}" for tier, count in summary["restored_from"].items())
+    print(f"{scenario:14} (median / max, s)  {cells}\n{'':14} restored from: {tiers}; restart phases (median, s): "
+          f"{phases}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,14 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="events per scenario (default 5)")
     parser.add_argument("--scenarios", type=lambda text: text.split(","), default=list(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES),
+                        help="comma-separated: cold (as before: fresh interpreters, disk), warm (now); default both")
     parser.add_argument("--collective-timeout", type=float, default=10.0,
                         help="the job's --collective-timeout: what bounds a hang (default 10)")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     parser.add_argument("extra", nargs="*", help="more flags for the job (after --)")
     args = parser.parse_args(argv)
-    unknown = set(args.scenarios) - set(SCENARIOS)
+    unknown = set(args.scenarios) - set(SCENARIOS) | set(args.modes) - set(MODES)
     if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario(s) or mode(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(SCENARIOS)} and {', '.join(MODES)}")
     results = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

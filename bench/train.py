@@ -48,8 +48,8 @@ class PlainLoop:
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from trainer.data import TrainingData, rank_slice
-        from trainer.models import build_model
+        from trainer.data.loader import TrainingData, rank_slice
+        from trainer.models.build import build_model
 
         self.cfg, self.device = cfg, device
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
 def loader_tokens_per_s(data: Path, rounds: int = 5, batches: int = 20) -> float:
     """Best of ``rounds``: tokens/s of fetching whole global batches of shuffled windows."""
     from trainer.config import TrainConfig
-    from trainer.data import TrainingData
+    from trainer.data.loader import TrainingData
 
     settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     cfg = TrainConfig(**{**settings, "data": str(data), "progress": False, "eval_every": 0})

@@ -82,7 +82,7 @@ def ckpt_dir(tmp_path: Path) -> Path:
     return tmp_path / "checkpoints"
 
 
-def start_cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+def start_cli(*args: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``fsdp-train ARGS`` in the background (its own session, so signals reach only it).
 
     Its output goes to pipes, read once it ends; a long run that prints much (tracebacks of killed
@@ -90,7 +90,7 @@ def start_cli(*args: str, log: Path | None = None) -> subprocess.Popen:
     """
     out = subprocess.PIPE if log is None else log.open("w")
     return subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=out, stderr=subprocess.STDOUT
-                            if log is not None else subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                            if log is not None else subprocess.PIPE, text=True, env={**_env(), **(env or {})}, cwd=ROOT,
                             start_new_session=True)
 
 

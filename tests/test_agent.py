@@ -1,8 +1,9 @@
-"""trainer.agent: torchrun's agent with one line per failure, and the failure handed to the next workers."""
+"""trainer.launcher.agent: torchrun's agent with one line per failure, and the failure handed to the next workers."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -11,23 +12,25 @@ import sys
 import pytest
 
 from conftest import ROOT, _env, wait_for
-from trainer.agent import (
+from trainer.distributed.failure_file import FAILURE_FILE_ENV, read_failure
+from trainer.launcher.agent import (
     AGENT_LOGGER,
-    FAILURE_FILE_ENV,
     FailureRecorder,
+    RunFolder,
     give_up_reason,
     install_fast_stop,
     is_stopped,
+    job_entrypoint,
     kill_stopped_workers,
-    read_failure,
 )
-from trainer.phases import what_it_recovered_from
+from trainer.metrics.phases import what_it_recovered_from
 
 
 def test_the_agents_failure_record_reaches_the_next_start(tmp_path, capsys):
-    path = tmp_path / "failure.json"
+    run = RunFolder()
+    path = run.failure_file = tmp_path / "failure.json"
     logger = logging.getLogger(AGENT_LOGGER)
-    recorder = FailureRecorder(path)
+    recorder = FailureRecorder(run)
     logger.addHandler(recorder)
     try:  # what torch.distributed.elastic logs when a worker group fails
         logger.error("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", -9, 1, 4242, "python")
@@ -66,6 +69,38 @@ def test_the_agent_stops_a_worker_group_through_the_fast_stop():
     install_fast_stop()  # idempotent: one wrapper, not two
     assert PContext.close.kills_stopped_workers
     assert not getattr(PContext.close.__wrapped__, "kills_stopped_workers", False)
+
+
+def test_trainer_workers_start_warm_from_a_forkserver_in_their_runs_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from trainer.checkpoint.snapshot import FOLDER_ENV, ROOT_ENV, snapshot_folder
+    from trainer.launcher import worker
+
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path / "shm"))
+    monkeypatch.delenv("FSDP_TRAIN_RUN_ID", raising=False)
+    for name in (FOLDER_ENV, FAILURE_FILE_ENV):  # the run sets them for its workers; restored after the test
+        monkeypatch.setenv(name, "")
+    stale = snapshot_folder(tmp_path / "ckpt", "run-before", str(tmp_path / "shm"))
+    stale.mkdir(parents=True)
+
+    def torchruns(args):  # what torch.distributed.run.config_from_args returns for `-m MODULE ARGS`
+        return SimpleNamespace(start_method="spawn", run_id="run-now"), sys.executable, ["-u", "-m", *args.rest]
+
+    train = ["train", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    args = SimpleNamespace(module=True, training_script="trainer", no_python=False, training_script_args=train,
+                           rest=["trainer", *train])
+    run = RunFolder()
+    config, entry, entry_args = job_entrypoint(torchruns, run, warm=True)(args)
+    assert (config.start_method, entry, entry_args) == ("forkserver", worker.run, train)
+    assert run.path == snapshot_folder(tmp_path / "ckpt", "run-now", str(tmp_path / "shm")) and run.path.is_dir()
+    assert os.environ[FOLDER_ENV] == str(run.path) and not stale.exists(), "another run's folder is reclaimed"
+    config, entry, _ = job_entrypoint(torchruns, RunFolder(), warm=False)(args)
+    assert (config.start_method, entry) == ("spawn", sys.executable), "cold: a fresh interpreter per worker"
+    other = SimpleNamespace(**{**vars(args), "training_script": "mypkg", "rest": ["mypkg"]})
+    assert job_entrypoint(torchruns, RunFolder(), warm=True)(other)[1] == sys.executable, "only the trainer"
+    run.close(failed=False)
+    assert not run.path.exists() and not run.path.parent.exists(), "freed at the end"
 
 
 def test_give_up_reasons_name_the_cause():

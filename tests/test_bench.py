@@ -85,7 +85,7 @@ def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
 def test_train_bench_compares_our_step_with_a_plain_loop_and_the_loader(tmp_path: Path) -> None:
     from test_token_data import DOCS, write_texts
 
-    from trainer.prepare_data import PrepareOptions, prepare
+    from trainer.data.prepare import PrepareOptions, prepare
 
     data, out = tmp_path / "data", tmp_path / "train.json"
     prepare(PrepareOptions([str(write_texts(tmp_path / "src", DOCS * 4))], data, val_fraction=0.0))

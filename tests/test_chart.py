@@ -15,7 +15,8 @@ from conftest import ROOT
 
 CHART = ROOT / "helm" / "fsdp-train"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-K8S_VERSION = "1.31.0"
+K8S_VERSION = "1.31.0"  # rendered for and validated against; container restart rules need RESTART_RULES_VERSION
+RESTART_RULES_VERSION = "1.35.0"
 KINDS = ["IndexedJob", "JobSet", "TrainJob", "PyTorchJob"]
 WORKLOAD_OBJECTS = {"IndexedJob": ["Job", "Service"], "JobSet": ["JobSet"],
                     "TrainJob": ["TrainJob", "TrainingRuntime"], "PyTorchJob": ["PyTorchJob"]}
@@ -29,8 +30,9 @@ def helm() -> str:
     return str(Path(proc.stdout.strip()) / "helm")
 
 
-def helm_template(helm: str, *sets: str, values: Path | None = None) -> subprocess.CompletedProcess:
-    args = [helm, "template", "t", str(CHART)]
+def helm_template(helm: str, *sets: str, values: Path | None = None,
+                  kube_version: str = K8S_VERSION) -> subprocess.CompletedProcess:
+    args = [helm, "template", "t", str(CHART), "--kube-version", kube_version]
     if values:
         args += ["--values", str(values)]
     for value in sets:
@@ -38,8 +40,8 @@ def helm_template(helm: str, *sets: str, values: Path | None = None) -> subproce
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
-def render(helm: str, *sets: str, values: Path | None = None) -> list[dict]:
-    proc = helm_template(helm, *sets, values=values)
+def render(helm: str, *sets: str, values: Path | None = None, kube_version: str = K8S_VERSION) -> list[dict]:
+    proc = helm_template(helm, *sets, values=values, kube_version=kube_version)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -209,7 +211,7 @@ def test_container_command_env_and_mounts_are_what_the_trainer_and_torchrun_acce
 
     from trainer.cli import parse_args
     from trainer.config import resolve_config
-    from trainer.launch import launch_command
+    from trainer.launcher.launch import launch_command
 
     docs = render(helm, f"workload.kind={kind}", f"gpu.enabled={str(gpu).lower()}")
     container = pod_template(docs)["spec"]["containers"][0]
@@ -432,10 +434,78 @@ def test_launch_gives_torchrun_a_stop_timeout_that_covers_the_emergency_checkpoi
     from torch.distributed.run import get_args_parser
 
     from trainer.config import TrainConfig
-    from trainer.launch import launch_command
+    from trainer.launcher.launch import launch_command
 
     parse = lambda command: get_args_parser().parse_args(command[3:])
     torchrun = parse(launch_command(TrainConfig(shutdown_grace=40.5), [], {}, "2:3"))
     assert (torchrun.shutdown_timeout, torchrun.nnodes) == (46, "2:3")
     # a PET_SHUTDOWN_TIMEOUT set by the user is left to torchrun
     assert "--shutdown-timeout" not in " ".join(launch_command(TrainConfig(), [], {"PET_SHUTDOWN_TIMEOUT": "9"}))
+
+
+JOB_KINDS = ["IndexedJob", "JobSet", "TrainJob"]
+RESTART_IN_PLACE = {"restartPolicy": "Never", "restartPolicyRules": [
+    {"action": "Restart", "exitCodes": {"operator": "NotIn", "values": [0, 2]}}]}
+
+
+def restart_fields(container: dict) -> dict:
+    return {key: container[key] for key in RESTART_IN_PLACE if key in container}
+
+
+@pytest.mark.parametrize("kind", JOB_KINDS)
+def test_failed_containers_restart_in_place_where_the_cluster_has_restart_rules(helm, kind):
+    import kubernetes_validate
+
+    kind_set = f"workload.kind={kind}"
+    docs = render(helm, kind_set, kube_version=RESTART_RULES_VERSION)
+    assert restart_fields(pod_template(docs)["spec"]["containers"][0]) == RESTART_IN_PLACE
+    assert pod_template(docs)["spec"]["restartPolicy"] == "Never", "the Job still replaces a pod that fails"
+    kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                                  **({"spec": job_template(docs)["spec"]})}, RESTART_RULES_VERSION, strict=True)
+    assert restart_fields(pod_template(render(helm, kind_set))["spec"]["containers"][0]) == {}, "auto: not on 1.31"
+    assert restart_fields(pod_template(render(helm, kind_set, "restartInPlace=false",
+                                              kube_version=RESTART_RULES_VERSION))["spec"]["containers"][0]) == {}
+    assert restart_fields(pod_template(render(helm, kind_set, "restartInPlace=true"))["spec"]["containers"][0]) \
+        == RESTART_IN_PLACE
+
+
+def test_pytorchjob_keeps_the_operators_restart_policy(helm):
+    docs = render(helm, "workload.kind=PyTorchJob", kube_version=RESTART_RULES_VERSION)
+    assert restart_fields(pod_template(docs)["spec"]["containers"][0]) == {}
+
+
+def snapshot_volume(docs: list[dict]) -> dict | None:
+    spec = pod_template(docs)["spec"]
+    return next((volume for volume in spec["volumes"] if volume["name"] == "snapshots"), None)
+
+
+def test_the_memory_tier_volume_is_sized_from_the_model_and_counted_in_memory(helm):
+    from trainer.config import TrainConfig
+    from trainer.models.build import build_model
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    cfg = TrainConfig(**values["trainer"])
+    params = sum(p.numel() for p in build_model(cfg).parameters())
+    for min_replicas in (1, 2):
+        docs = render(helm, f"elastic.minReplicas={min_replicas}", "replicas=2")
+        volume = snapshot_volume(docs)
+        assert volume["emptyDir"]["medium"] == "Memory"
+        assert int(volume["emptyDir"]["sizeLimit"]) == 24 * params // min_replicas * 5 // 4 + 64 * 2**20
+        container = pod_template(docs)["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "snapshots")
+        assert {"name": "FSDP_TRAIN_SNAPSHOT_ROOT", "value": mount["mountPath"]} in container["env"]
+    config = yaml.safe_load(by_kind(render(helm), "ConfigMap")[0]["data"]["config.yaml"])
+    assert config["snapshot_every"] == 1
+    assert snapshot_volume(render(helm, "memoryTier.sizeLimit=3Gi"))["emptyDir"]["sizeLimit"] == "3Gi"
+    off = render(helm, "memoryTier.every=0")
+    assert snapshot_volume(off) is None
+    assert yaml.safe_load(by_kind(off, "ConfigMap")[0]["data"]["config.yaml"])["snapshot_every"] == 0
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["trainer.model=mypkg.models:build"], "memoryTier.sizeLimit: set it for your own model"),
+    (["trainer.preset=small"], "memoryTier.sizeLimit: set it when trainer.preset is used"),
+])
+def test_a_model_the_chart_cannot_size_needs_the_snapshot_size_given(helm, sets, message):
+    assert message in render_error(helm, *sets)
+    render(helm, *sets, "memoryTier.sizeLimit=2Gi")

@@ -7,7 +7,7 @@ import torch
 
 from trainer.cli import build_parser
 from trainer.config import TrainConfig, config_to_args, resolve_config
-from trainer.data import SyntheticData, rank_slice
+from trainer.data.loader import SyntheticData, rank_slice
 from trainer.errors import UserError
 
 
@@ -70,7 +70,7 @@ def test_every_rank_runs_the_same_number_of_micro_batches_of_at_most_the_size():
 
 
 def test_a_preset_sets_the_sizes_that_no_layer_gives(tmp_path):
-    from trainer.presets import PRESETS
+    from trainer.config import PRESETS
 
     cfg = parse("--model", "transformer", "--preset", "125m")
     assert {k: getattr(cfg, k) for k in PRESETS["125m"]} == PRESETS["125m"]

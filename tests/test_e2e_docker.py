@@ -25,11 +25,12 @@ from bench.jobs import breakdown, first_reaction
 from conftest import ROOT, last_step, run_cli, start_records, step_records
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.checkpoint.marker import CommitMarker, SaveReason
-from trainer.metrics import read_metrics
+from trainer.metrics.records import read_metrics
 
 pytestmark = pytest.mark.docker
 
 IMAGE = "fsdp-train:0.1.0"
+MEMORY_ROOT = Path("/dev/shm/fsdp-e2e")  # tmpfs on the host, as a memory emptyDir is on the node
 MAX_STEPS = 1000
 EVERY = 20
 COLLECTIVE_TIMEOUT = 15  # what bounds a partitioned pod's hang
@@ -71,6 +72,7 @@ class FakeCluster:
         self.pvc.chmod(0o777)
         self.configmap.mkdir()
         self.containers: dict[int, str] = {}
+        self.memory: dict[int, Path] = {}  # each pod's memory emptyDir: a host tmpfs folder, new for a new pod
         self.cut_off: set[int] = set()  # pods disconnected from the network: they may exit
         docker("network", "create", self.network)
 
@@ -104,12 +106,17 @@ class FakeCluster:
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["checkpoints"]["persistentVolumeClaim"] and volumes["config"]["configMap"]
+        assert volumes["snapshots"]["emptyDir"]["medium"] == "Memory"
+        self.memory[index] = MEMORY_ROOT / f"{name}-{uuid.uuid4().hex[:6]}"
+        self.memory[index].mkdir(parents=True)
+        self.memory[index].chmod(0o777)
         security = container["securityContext"]
         args = ["run", "-d", "--name", name, "--hostname", hostname, "--network", self.network,
                 "--network-alias", f"{hostname}.{self.subdomain}",
                 "--user", f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}",
                 "--shm-size", str(volumes["dshm"]["emptyDir"]["sizeLimit"]).replace("Gi", "g"),
                 "-v", f"{self.pvc}:{mounts['checkpoints']}", "-v", f"{self.configmap}:{mounts['config']}:ro",
+                "-v", f"{self.memory[index]}:{mounts['snapshots']}",
                 "--tmpfs", f"{mounts['tmp']}:exec,mode=1777",
                 "--stop-timeout", str(spec["terminationGracePeriodSeconds"]),
                 "-e", f"JOB_COMPLETION_INDEX={index}"]
@@ -130,6 +137,10 @@ class FakeCluster:
         """A network partition: the pod keeps running, unreachable (only loopback is left)."""
         self.cut_off.add(index)
         docker("network", "disconnect", self.network, self.containers[index])
+
+    def restart_in_place(self, index: int) -> None:
+        """The kubelet restarts a failed container of a live pod: same pod, hostname and volumes."""
+        docker("start", self.containers[index])
 
     def replace_pod(self, index: int) -> None:
         """The pod failed (or its node was drained): Kubernetes starts a new one for its index."""
@@ -156,6 +167,8 @@ class FakeCluster:
         for name in self.containers.values():
             docker("rm", "-f", name, check=False)
         docker("network", "rm", self.network, check=False)
+        for folder in self.memory.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def wait_until(predicate, timeout: float, what: str, cluster: FakeCluster):
@@ -228,8 +241,24 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         assert marker.resumed_from.world_size == 2, marker
         summary.append(recovery("scale 2->3", event, pvc, cluster, world_size=3))
 
-        # 3. SIGKILL one worker pod mid-training; the Job controller replaces it
+        # 3a. SIGKILL pod 1's container; the kubelet restarts it in place (the chart's restart rules):
+        # its memory volume is kept, so every rank restores from its memory snapshot
         wait_until(lambda: last_step(pvc) >= marker.step + 5, 120, "training to go on", cluster)
+        step_at_kill = last_step(pvc)
+        event = time.time()
+        cluster.stop_pods([1], "KILL")
+        assert cluster.wait_exit(1, 30) == 137
+        cluster.restart_in_place(1)
+        resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
+                             "recovery after a restart in place", cluster)
+        row = recovery("SIGKILL, restart in place", event, pvc, cluster, world_size=3)
+        assert row["restored_from"] == "memory", row
+        assert resumed["step"] - 1 >= step_at_kill - 1, "at most the step in flight is lost"
+        summary.append(row)
+
+        # 3b. SIGKILL pod 1 again; this time the Job controller replaces the pod, with a new, empty
+        # memory volume: no snapshot there, so every rank restores from disk
+        wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
         newest_before = newest_commit(pvc).step
         step_at_kill = last_step(pvc)
         event = time.time()
@@ -241,7 +270,9 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         lost = step_at_kill - (resumed["step"] - 1)
         assert resumed["step"] - 1 >= newest_before, "must resume from the newest committed checkpoint"
         assert lost <= EVERY, f"lost {lost} steps, more than one checkpoint interval"
-        summary.append(recovery("SIGKILL pod 1, replaced", event, pvc, cluster, world_size=3))
+        row = recovery("SIGKILL pod 1, replaced", event, pvc, cluster, world_size=3)
+        assert row["restored_from"] == "disk", row
+        summary.append(row)
 
         # 4. pod 2 cut off from the network: the others' collectives time out and they go on without it
         wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
@@ -285,9 +316,10 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     resumes = [r for r in read_metrics(pvc) if r.get("event") == "start" and r.get("resumed_from")]
     lines = [f"e2e-docker {kind} summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
              f"{len(resumes)} resumes, drain exit codes {codes}",
-             f"  {'event (seconds)':24} {'detect':>7} {'stop':>7} {'restart':>7} {'total':>7}  steps lost",
-             *(f"  {row['event']:24} {row['detection_s']:7.1f} {row['stop_s']:7.1f} {row['restart_s']:7.1f} "
-               f"{row['total_s']:7.1f}  {row['steps_lost']}" for row in summary),
+             f"  {'event (seconds)':26} {'detect':>7} {'stop':>7} {'restart':>7} {'total':>7}  steps lost  "
+             "restored from",
+             *(f"  {row['event']:26} {row['detection_s']:7.1f} {row['stop_s']:7.1f} {row['restart_s']:7.1f} "
+               f"{row['total_s']:7.1f}  {row['steps_lost']:10}  {row['restored_from']}" for row in summary),
              f"  final loss {loss:.7f} vs uninterrupted {ref_loss:.7f} (|diff| {abs(loss - ref_loss):.1e}, "
              f"tolerance {TOLERANCE:.0e})"]
     print("\n" + "\n".join(lines))

@@ -14,8 +14,8 @@ from test_token_data import DOCS, write_texts
 from conftest import run_cli
 from trainer.checkpoint.layout import step_dir
 from trainer.checkpoint.reader import read_tensors
-from trainer.inference import load_model
-from trainer.prepare_data import PrepareOptions, prepare
+from trainer.data.prepare import PrepareOptions, prepare
+from trainer.tools.inference import load_model
 
 pytestmark = pytest.mark.torchrun
 

@@ -78,7 +78,7 @@ def test_torch_to_dcp_round_trip(lm_run, tmp_path):
 
 
 def test_infer_without_process_group_matches_the_training_model(lm_run, toy_run):
-    from trainer.inference import load_model
+    from trainer.tools.inference import load_model
 
     model, cfg = load_model(step10(lm_run))
     tokens = torch.tensor([[1, 2, 3, 4]])

@@ -28,7 +28,7 @@ from conftest import (
 )
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.checkpoint.lock import LOCK_FILE
-from trainer.monitor import PHASE_NAMES
+from trainer.tools.monitor import PHASE_NAMES
 
 pytestmark = pytest.mark.torchrun
 

@@ -125,7 +125,7 @@ def test_the_manager_decides_when_to_save(ckpt_dir):
 
 def test_a_resume_with_another_schedule_says_so_and_follows_the_new_one(ckpt_dir):
     from trainer.config import TrainConfig
-    from trainer.schedule import lr_multiplier
+    from trainer.optim.schedule import lr_multiplier
 
     run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "10", "--checkpoint-dir", str(ckpt_dir), check=True)
     proc = run_cli("local", "--nproc", "2", *FLAGS, "--max-steps", "20", "--lr", "0.001", "--checkpoint-dir",

@@ -12,12 +12,12 @@ import torch
 
 from conftest import error_lines, run_cli
 from trainer.config import TrainConfig
-from trainer.data import TrainingData, rank_slice
-from trainer.data_sources import NonUtf8, SourceOptions
+from trainer.data.dataset import DATASET_FILE, TokenWindows, WindowOrder, open_dataset
+from trainer.data.loader import TrainingData, rank_slice
+from trainer.data.prepare import PrepareOptions, is_val_document, prepare
+from trainer.data.sources import NonUtf8, SourceOptions
+from trainer.data.tokenizer import ByteTokenizer, dataset_tokenizer
 from trainer.errors import UserError
-from trainer.prepare_data import PrepareOptions, is_val_document, prepare
-from trainer.token_data import DATASET_FILE, TokenWindows, WindowOrder, open_dataset
-from trainer.tokenizer import ByteTokenizer, dataset_tokenizer
 
 DOCS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
 

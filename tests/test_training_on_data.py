@@ -20,8 +20,8 @@ from test_equivalence import ATOL
 
 from conftest import error_lines, run_cli, start_records, step_records
 from trainer.checkpoint.reader import read_tensors
-from trainer.metrics import read_metrics
-from trainer.prepare_data import PrepareOptions, prepare
+from trainer.data.prepare import PrepareOptions, prepare
+from trainer.metrics.records import read_metrics
 
 pytestmark = pytest.mark.torchrun
 

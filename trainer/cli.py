@@ -58,8 +58,8 @@ def add_prepare_data(commands: argparse._SubParsersAction) -> None:
 def prepare_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from trainer.data_sources import NonUtf8, SourceOptions
-    from trainer.prepare_data import PrepareOptions, prepare
+    from trainer.data.prepare import PrepareOptions, prepare
+    from trainer.data.sources import NonUtf8, SourceOptions
 
     sources = SourceOptions(args.text_field, tuple(args.glob), tuple(args.exclude), NonUtf8(args.non_utf8))
     manifest = prepare(PrepareOptions(args.inputs, Path(args.out), args.tokenizer, args.train_tokenizer,
@@ -101,7 +101,7 @@ def add_local(commands: argparse._SubParsersAction) -> None:
 
 def local(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
-    from trainer.launch import run_local
+    from trainer.launcher.launch import run_local
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1 (got {args.nproc})")
@@ -122,7 +122,7 @@ def add_launch(commands: argparse._SubParsersAction) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     from trainer.config import resolve_config
-    from trainer.launch import exec_launch
+    from trainer.launcher.launch import exec_launch
 
     cfg = resolve_config(parse_args(["train", *args.train_args]))  # a bad flag fails here, once, in one line
     if args.nnodes is not None and not re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", args.nnodes):
@@ -169,14 +169,14 @@ def ckpt_list(args: argparse.Namespace) -> int:
 
 
 def ckpt_show(args: argparse.Namespace) -> int:
-    from trainer.inspect_ckpt import show
+    from trainer.tools.inspect_ckpt import show
 
     print(show(args.checkpoint))
     return 0
 
 
 def ckpt_verify(args: argparse.Namespace) -> int:
-    from trainer.inspect_ckpt import verify
+    from trainer.tools.inspect_ckpt import verify
 
     ok, report = verify(args.target, newest_only=args.newest)
     print(report)
@@ -184,7 +184,7 @@ def ckpt_verify(args: argparse.Namespace) -> int:
 
 
 def ckpt_diff(args: argparse.Namespace) -> int:
-    from trainer.inspect_ckpt import diff
+    from trainer.tools.inspect_ckpt import diff
 
     print(diff(args.a, args.b))
     return 0
@@ -199,7 +199,7 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from trainer.convert import dcp_to_torch, torch_to_dcp
+    from trainer.tools.convert import dcp_to_torch, torch_to_dcp
 
     (dcp_to_torch if args.direction == "dcp-to-torch" else torch_to_dcp)(args.source, args.dest)
     print(f"wrote {args.dest}")
@@ -218,7 +218,7 @@ def add_export_hf(commands: argparse._SubParsersAction) -> None:
 
 
 def export_hf(args: argparse.Namespace) -> int:
-    from trainer.hf_export import export_hf as write
+    from trainer.tools.hf_export import export_hf as write
 
     files = write(args.checkpoint, args.out, args.dtype, args.max_shard_bytes)
     print(f"wrote {args.out}: {', '.join(files)}")
@@ -247,7 +247,7 @@ def add_infer(commands: argparse._SubParsersAction) -> None:
 
 
 def infer(args: argparse.Namespace) -> int:
-    from trainer.inference import encode_prompt, load_model, parse_input, run, run_tokenizer
+    from trainer.tools.inference import encode_prompt, load_model, parse_input, run, run_tokenizer
 
     temperature = args.temperature if args.temperature is not None else 0.0 if args.prompt is None else \
         PROMPT_TEMPERATURE
@@ -274,7 +274,7 @@ def add_status(commands: argparse._SubParsersAction) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from trainer.monitor import status as run_status
+    from trainer.tools.monitor import status as run_status
 
     print(run_status(args.dir, args.namespace, args.release))
     return 0
@@ -288,7 +288,7 @@ def add_watch(commands: argparse._SubParsersAction) -> None:
 
 
 def watch(args: argparse.Namespace) -> int:
-    from trainer.monitor import watch as follow
+    from trainer.tools.monitor import watch as follow
 
     return follow(args.dir, poll=args.poll, timeout=args.timeout)
 
@@ -303,7 +303,7 @@ def add_plot(commands: argparse._SubParsersAction) -> None:
 
 
 def plot(args: argparse.Namespace) -> int:
-    from trainer.monitor import plot as draw
+    from trainer.tools.monitor import plot as draw
 
     draw(args.dir, args.output, width=args.width, height=args.height, dpi=args.dpi)
     print(f"wrote {args.output}")

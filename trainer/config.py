@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,24 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
-from trainer.plugins import is_plugin
-from trainer.presets import PRESETS
 
 ENV_PREFIX = "FSDP_TRAIN_"
+
+# Named sizes of the built-in transformer (``--preset``): values of the size settings below, resolved
+# before any model exists. The vocabulary comes from the data.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 64},
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "seq_len": 256},
+    "125m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024},
+    "1b": {"d_model": 2048, "n_layers": 16, "n_heads": 32, "seq_len": 2048},
+}
+
+# ``--model package.module:function``: the user's own model (``models.plugins`` builds it).
+PLUGIN_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def is_plugin(model: str) -> bool:
+    return PLUGIN_SPEC.fullmatch(model) is not None
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -78,6 +93,9 @@ class TrainConfig:
                                        "Young/Daly interval from the measured save cost and this job's failures")
     expected_mtbf: float = _opt(3600.0, "with --checkpoint-every auto: the seconds between failures to expect "
                                 "until the job's first failure (then its own failures decide)")
+    snapshot_every: int = _opt(1, "take a memory snapshot of every rank's state every K steps (0: off), kept in "
+                               "node-local shared memory, so a restarted worker restores from memory instead of "
+                               "disk; needs the agent of 'fsdp-train local' or 'launch'")
     checkpoint_first_step: bool = _opt(False, "also save (and read back) right after step 1, so broken storage "
                                        "fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
@@ -124,7 +142,7 @@ class TrainConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UserError(f"--micro-batch-size must be >= 1 (got {self.micro_batch_size}); leave it out to run "
                             "each rank's share in one pass")
-        for name in ("eval_every", "max_grad_norm"):
+        for name in ("eval_every", "max_grad_norm", "snapshot_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.eval_batches < 1:
@@ -272,6 +290,19 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if key in environ:
             values[f.name] = _coerce(f.name, environ[key], f"environment {key}")
     return values
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see 'fsdp-train train --help')")
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """The config of ``fsdp-train train ARGV``, for the processes that start workers or are one (the
+    agent, a forked worker) without the whole command line's parser; a bad flag is a ``UserError``."""
+    parser = _RaisingParser(prog="fsdp-train train", add_help=False)
+    add_config_arguments(parser)
+    return resolve_config(parser.parse_args(argv))
 
 
 def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> TrainConfig:

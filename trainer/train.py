@@ -7,30 +7,31 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from trainer.agent import read_failure
 from trainer.checkpoint.app_state import AppState, Progress, init_optimizer_state
+from trainer.checkpoint.interval import FailureHistory
 from trainer.checkpoint.layout import ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.settings import CheckpointSettings, RunIdentity
-from trainer.config import TrainConfig
-from trainer.data import Prefetcher, TrainingData, check_same_data, rank_slice
-from trainer.distributed import Runtime, init_runtime, on_primary, shutdown
+from trainer.config import AUTO, TrainConfig
+from trainer.data.loader import Prefetcher, TrainingData, check_same_data, rank_slice
+from trainer.distributed.failure_file import read_failure
+from trainer.distributed.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
+from trainer.distributed.runtime import Runtime, init_runtime, on_primary, run_id, shutdown
 from trainer.errors import UserError
-from trainer.metrics import MetricsWriter, read_metrics
-from trainer.models import build_model, per_sample_loss, recompute_activations, shard_units
-from trainer.phases import PhaseClock, what_it_recovered_from
-from trainer.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
-from trainer.progress import StepReporter
-from trainer.schedule import new_scheduler, rebase, setting_changes
-from trainer.seeding import load_initial_weights
+from trainer.metrics.phases import PhaseClock, what_it_recovered_from
+from trainer.metrics.progress import StepReporter
+from trainer.metrics.records import MetricsWriter, read_metrics
+from trainer.models.build import build_model, per_sample_loss
+from trainer.models.init_weights import load_initial_weights
+from trainer.models.sharding import recompute_activations, shard_units
+from trainer.optim.schedule import new_scheduler, rebase, setting_changes
 
 log = logging.getLogger("fsdp_train")
 
@@ -66,10 +67,6 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float | None:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def run_id_from_env() -> str:
-    return os.environ.get("FSDP_TRAIN_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
-
-
 class Trainer:
     """One rank of the job: FSDP2 training on a fixed global batch, checkpointed by its manager.
 
@@ -101,7 +98,7 @@ class Trainer:
         self.policy = mixed_precision_policy(cfg.mixed_precision, self.rt.device)
         clock.lap("init_process_group")
         on_primary(self.rt, ensure_writable, cfg.checkpoint_dir)
-        self.run_id = run_id_from_env()
+        self.run_id = run_id()
         self.lock = JobLock(Path(cfg.checkpoint_dir), self.run_id, cfg.lock_ttl)
         on_primary(self.rt, self.lock.acquire)
         clock.lap("lock")
@@ -121,10 +118,14 @@ class Trainer:
         self.app_state = AppState(self.model, self.optimizer, self.scheduler, self.progress, cfg.seed)
         clock.lap("shard")
         fingerprint = self.data.info.fingerprint() if self.data.info else None
+        # this job's earlier records: the start record and auto's failure history read them
+        needs_records = self.rt.is_primary or cfg.checkpoint_every == AUTO
+        self.job_records = read_metrics(cfg.checkpoint_dir) if needs_records else []
         self.checkpoints = CheckpointManager(CheckpointSettings.from_config(cfg), self.rt, self.app_state,
-                                             RunIdentity.from_config(cfg, self.run_id, fingerprint))
-        resumed = self.checkpoints.start()
-        if resumed is None and cfg.init_from:
+                                             RunIdentity.from_config(cfg, self.run_id, fingerprint),
+                                             FailureHistory.from_records(self.job_records, time.time()))
+        resumed = self.checkpoints.start()  # from disk; or from memory (same run: same settings and data)
+        if self.checkpoints.restored_from is None and cfg.init_from:
             load_initial_weights(self.model, cfg.init_from)
         self.changes: list[str] = []
         if resumed is not None:
@@ -133,6 +134,7 @@ class Trainer:
             self.changes = setting_changes(marker.config, cfg, self.progress.step, marker.dataset, fingerprint)
             for change in self.changes if self.rt.is_primary else ():
                 log.warning("resumed with another setting: %s", change)
+        if self.checkpoints.restored_from is not None:
             rebase(self.optimizer, self.scheduler, cfg)
         clock.record(self.checkpoints.start_phases)
         self.first_step = self.progress.step  # where this run segment starts
@@ -145,14 +147,14 @@ class Trainer:
         each start-up phase took."""
         if not self.rt.is_primary:
             return
-        resumed = self.checkpoints.resumed
-        marker = resumed.info.marker if resumed else None
-        recovered = what_it_recovered_from(resumed and resumed.info.step, marker and marker.reason.value,
-                                           marker and marker.world_size, self.rt.world_size,
-                                           read_metrics(self.cfg.checkpoint_dir), read_failure())
-        resumed_from = self.checkpoints.resumed_from
+        checkpoints = self.checkpoints
+        lineage, marker = checkpoints.resumed_from, checkpoints.resumed and checkpoints.resumed.info.marker
+        reason = "snapshot" if checkpoints.memory_restore else marker and marker.reason.value
+        recovered = what_it_recovered_from(lineage and lineage.step, reason, lineage and lineage.world_size,
+                                           self.rt.world_size, self.job_records, read_failure())
         self.metrics.event("start", step=self.first_step, world_size=self.rt.world_size, run_id=self.run_id,
-                           resumed_from=resumed_from and dataclasses.asdict(resumed_from),
+                           resumed_from=lineage and dataclasses.asdict(lineage),
+                           restored_from=checkpoints.restored_from,
                            recovered_from=recovered, max_steps=self.cfg.max_steps, phases=self.clock.phases,
                            setting_changes=self.changes)
 

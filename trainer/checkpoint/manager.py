@@ -16,8 +16,9 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from trainer.checkpoint.app_state import STATE_KEY, AppState
 from trainer.checkpoint.failures import root_cause
 from trainer.checkpoint.interval import AutoInterval, FailureHistory, FixedInterval
-from trainer.checkpoint.layout import delete_step_dir, step_dir
+from trainer.checkpoint.layout import committed_checkpoints, delete_step_dir, step_dir
 from trainer.checkpoint.marker import CommitMarker, Lineage, SaveReason
+from trainer.checkpoint.memory_tier import MemoryRestore, MemoryTier, config_digest
 from trainer.checkpoint.planner import new_save_planner
 from trainer.checkpoint.records import ItemRecords
 from trainer.checkpoint.resume import Resumed, resume, verify_readable
@@ -27,9 +28,8 @@ from trainer.checkpoint.settings import CheckpointSettings, RunIdentity, SaveMod
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.storage import CommittingWriter, new_storage_writer
 from trainer.checkpoint.writer_client import WriterClient, WriterProcessDied, start_on_every_rank
-from trainer.distributed import Runtime
+from trainer.distributed.runtime import Runtime, on_primary
 from trainer.errors import UserError
-from trainer.metrics import read_metrics
 
 log = logging.getLogger("fsdp_train")
 
@@ -46,18 +46,28 @@ class CheckpointManager:
     - with ``first_step``, a synchronous save right after step 1, read back at once;
     - the final and the emergency save are synchronous;
     - a step already committed (or resumed from) is never saved again.
+    - with a snapshot folder (the agent's), a memory snapshot every ``snapshot_every`` steps, and a
+      start that restores from those snapshots when every rank can (``memory_tier``), else from disk.
     A failed periodic save is logged, its partial directory removed, and training goes on; a dead
     writer process stops the job, as a lost rank would. Retention runs on the save thread after
     each commit, so no save waits for old checkpoints to be deleted.
     """
 
     def __init__(self, settings: CheckpointSettings, runtime: Runtime, app_state: AppState,
-                 identity: RunIdentity) -> None:
+                 identity: RunIdentity, failures: FailureHistory | None = None) -> None:
+        """``failures``: the job's failure history so far, which ``auto`` needs (the trainer reads it
+        from the job's start records; None: none seen, this start the first)."""
         self.settings = settings
         self.rt = runtime
         self.app_state = app_state
         self.identity = identity
-        self.resumed: Resumed | None = None
+        self.failures = failures
+        self.resumed: Resumed | None = None  # the disk checkpoint this start restored
+        self.memory_restore: MemoryRestore | None = None  # or the memory snapshots it restored
+        self.memory: MemoryTier | None = None
+        if settings.snapshot_folder is not None and settings.snapshot_every:
+            self.memory = MemoryTier(settings.snapshot_folder, runtime, identity.run_id,
+                                     config_digest(identity.config, identity.dataset), settings.snapshot_every)
         self._stager = ReusableHostStager()
         self._thread = save_thread()
         self._writer_process: WriterClient | None = None  # writes async saves when it runs, else the thread does
@@ -68,6 +78,7 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self.start_phases: dict[str, float | dict[str, float]] = {}
         self._writers_ready: Future | None = None  # the writer processes' start, on the save thread
+        self._writers_deferred = False  # their start waits for the first step
         self.interval: FixedInterval | AutoInterval = FixedInterval(settings.every or 1)
         self._left_maybe_save: float | None = None  # when the last maybe_save returned: a step runs after it
 
@@ -77,7 +88,14 @@ class CheckpointManager:
 
     @property
     def resumed_from(self) -> Lineage | None:
+        if self.memory_restore is not None:
+            return Lineage(self.memory_restore.step, self.memory_restore.world_size)
         return self.resumed.lineage if self.resumed else None
+
+    @property
+    def restored_from(self) -> str | None:
+        """Which tier this start restored from: ``memory``, ``disk``, or None (a fresh start)."""
+        return "memory" if self.memory_restore else "disk" if self.resumed else None
 
     # ---- life cycle ---------------------------------------------------------------------
     def start(self) -> Resumed | None:
@@ -85,12 +103,19 @@ class CheckpointManager:
         the first async save costs what later ones do. None means a fresh start. ``start_phases``
         then holds how long each part took."""
         started = time.perf_counter()
-        self.resumed = resume(self.settings, self.rt, self.app_state, self.identity.shape)
+        explicit = self.settings.resume_from is not None or self.settings.no_resume
+        if self.memory is not None and not explicit:
+            newest = on_primary(self.rt, _newest_committed_step, self.root)
+            self.memory_restore = self.memory.restore(self.app_state, newest)
+            self._last_saved_step = newest
+        if self.memory_restore is None:
+            self.resumed = resume(self.settings, self.rt, self.app_state, self.identity.shape)
         if self.resumed is not None:
             self._last_saved_step = self.resumed.info.step
         if self.settings.every is None:
-            self.interval = AutoInterval(self.settings.expected_mtbf, FailureHistory.from_records(
-                read_metrics(self.root), time.time()), self._agree_max, announce=self.rt.is_primary)
+            failures = self.failures or FailureHistory.from_records([], time.time())
+            self.interval = AutoInterval(self.settings.expected_mtbf, failures, self._agree_max,
+                                         announce=self.rt.is_primary)
         resumed_at = time.perf_counter()
         self._start_writers()
         self.start_phases = {"restore": resumed_at - started, "writer_start": time.perf_counter() - resumed_at,
@@ -98,16 +123,24 @@ class CheckpointManager:
         return self.resumed
 
     def _start_writers(self) -> None:
-        """Staging now (it copies the live state); the writer processes on the save thread, so the
-        first step does not wait for them: every save waits for ``_writers_ready`` first."""
+        """Staging now (it copies the live state); the writer processes once the first step is done,
+        on the save thread: a fresh interpreter each, whose imports would otherwise take the CPU the
+        first step after a restart needs. Every save waits for ``_writers_ready`` first."""
         if self.settings.mode == SaveMode.ASYNC:
             self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
             if self.settings.writer == WriterKind.PROCESS:
-                self._writers_ready = self._thread.submit(self._start_writer_processes)
+                self._writers_deferred = True
             else:
                 self._thread.submit(lambda: None)  # the thread starts (and lowers its priority) now
         if self.rt.is_primary:
             self._retain()
+
+    def _writers_starting(self) -> None:
+        """Start the deferred writer processes on the save thread (after the first step, or before
+        the first save if that comes sooner)."""
+        if self._writers_deferred:
+            self._writers_deferred = False
+            self._writers_ready = self._thread.submit(self._start_writer_processes)
 
     def _start_writer_processes(self) -> None:
         self._writer_process = start_on_every_rank(self.rt, self._stager)
@@ -128,6 +161,8 @@ class CheckpointManager:
         if self._left_maybe_save is not None:
             writing = self._pending is not None and not self._pending.done()
             self.interval.step_finished(entered - self._left_maybe_save, writing=writing)
+        if self.memory is not None:
+            self.memory.maybe_take(step, self.app_state)
         if step == 1 and self.settings.first_step:
             self.save(step, loss, SaveReason.FIRST_STEP, blocking=True)
             verify_readable(self.rt, self.root, step)
@@ -136,6 +171,7 @@ class CheckpointManager:
         elif self.interval.due(step, self._last_saved_step):
             self.save(step, loss, SaveReason.PERIODIC, blocking=False)
             self.interval.saved(step, time.perf_counter() - entered)
+        self._writers_starting()
         self._left_maybe_save = time.perf_counter()
 
     def _agree_max(self, values: tuple[float, ...]) -> tuple[float, ...]:
@@ -153,6 +189,7 @@ class CheckpointManager:
     # ---- the save mechanism -------------------------------------------------------------
     def save(self, step: int, loss: float | None, reason: SaveReason, *, blocking: bool) -> None:
         """Save the state after ``step`` now (``maybe_save`` decides when; benchmarks call this directly)."""
+        self._writers_starting()
         if self._writers_ready is not None:  # its collectives and a save's share the checkpoint group
             self._writers_ready.result()
         self.wait()
@@ -236,3 +273,8 @@ class CheckpointManager:
             self._retain()
         except Exception as exc:  # noqa: BLE001 - older checkpoints stay; the next commit tries again
             log.warning("retention failed (%s); older checkpoints are kept for now", root_cause(exc))
+
+
+def _newest_committed_step(root: Path) -> int | None:
+    committed = committed_checkpoints(root)
+    return committed[-1].step if committed else None

@@ -34,7 +34,7 @@ from trainer.checkpoint.marker import Lineage, require_same_shape
 from trainer.checkpoint.range_reader import new_storage_reader
 from trainer.checkpoint.safe_read import METADATA_FILE, SafeLoadPlanner
 from trainer.checkpoint.settings import CheckpointSettings
-from trainer.distributed import Runtime, gather_union, on_primary
+from trainer.distributed.runtime import Runtime, gather_union, on_primary
 from trainer.errors import UserError
 
 log = logging.getLogger("fsdp_train")

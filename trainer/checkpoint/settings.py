@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from trainer.checkpoint.snapshot import FOLDER_ENV
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -32,13 +35,16 @@ class CheckpointSettings:
     resume_from: str | None  # a step number or a checkpoint path; None: the newest committed
     no_resume: bool
     expected_mtbf: float = 3600.0  # auto's prior: seconds between failures before any are seen
+    snapshot_every: int = 0  # memory snapshots every K steps; 0: off
+    snapshot_folder: Path | None = None  # this run's snapshot folder, from the agent; None: no memory tier
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> CheckpointSettings:
         every = None if cfg.checkpoint_every == "auto" else int(cfg.checkpoint_every)
         return cls(Path(cfg.checkpoint_dir), every, cfg.checkpoint_first_step,
                    SaveMode(cfg.checkpoint_mode), WriterKind(cfg.checkpoint_writer), cfg.keep_last,
-                   cfg.resume_from, cfg.no_resume, cfg.expected_mtbf)
+                   cfg.resume_from, cfg.no_resume, cfg.expected_mtbf, cfg.snapshot_every,
+                   Path(folder) if (folder := os.environ.get(FOLDER_ENV)) else None)
 
 
 @dataclass(frozen=True)

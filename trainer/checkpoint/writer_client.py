@@ -23,7 +23,7 @@ from trainer.checkpoint.marker import CommitMarker
 from trainer.checkpoint.shared_arena import shared_memory_supported
 from trainer.checkpoint.staging import ReusableHostStager
 from trainer.checkpoint.wire import Failed, Hello, Map, Ready, Save
-from trainer.distributed import Runtime, gather_union, on_primary, store_address
+from trainer.distributed.runtime import Runtime, gather_union, on_primary, store_address
 
 log = logging.getLogger("fsdp_train")
 

@@ -124,6 +124,7 @@ labels:
 {{- $config := deepCopy .Values.trainer }}
 {{- $_ := set $config "checkpoint_dir" .Values.checkpoint.dir }}
 {{- $_ := set $config "checkpoint_every" .Values.checkpoint.every }}
+{{- $_ := set $config "snapshot_every" .Values.memoryTier.every }}
 {{- $_ := set $config "device" (ternary "cuda" "cpu" .Values.gpu.enabled) }}
 {{- if .Values.data.existingClaim }}
 {{- $_ := set $config "data" (trimSuffix "/" (printf "%s/%s" .Values.data.mountPath .Values.data.subPath)) }}
@@ -301,6 +302,10 @@ containers:
       {{- end }}
       - name: HOME
         value: /tmp
+      {{- if $v.memoryTier.every }}
+      - name: FSDP_TRAIN_SNAPSHOT_ROOT
+        value: {{ include "fsdp-train.snapshotRoot" $root }}
+      {{- end }}
       - name: PYTHONUNBUFFERED
         value: "1"
       {{- with $v.pythonPath }}
@@ -314,6 +319,16 @@ containers:
       - name: rendezvous
         containerPort: {{ $v.elastic.rendezvousPort }}
         protocol: TCP
+    {{- if and (eq (toString .restartPolicy) "Never") (include "fsdp-train.restartInPlace" $root) }}
+    # A failed agent's container restarts in place (KEP-5307): same pod, node and memory snapshots. Not on
+    # success (0) or a rejected config (2, which fails the Job through its podFailurePolicy).
+    restartPolicy: Never
+    restartPolicyRules:
+      - action: Restart
+        exitCodes:
+          operator: NotIn
+          values: [0, 2]
+    {{- end }}
     {{- with $v.containerSecurityContext }}
     securityContext:
       {{- toYaml . | nindent 6 }}
@@ -335,6 +350,10 @@ containers:
         readOnly: true
       - name: dshm
         mountPath: /dev/shm
+      {{- if $v.memoryTier.every }}
+      - name: snapshots
+        mountPath: {{ include "fsdp-train.snapshotRoot" $root }}
+      {{- end }}
       - name: tmp
         mountPath: /tmp
       {{- if $v.data.existingClaim }}
@@ -356,6 +375,12 @@ volumes:
     emptyDir:
       medium: Memory
       sizeLimit: {{ $v.shmSize }}
+  {{- if $v.memoryTier.every }}
+  - name: snapshots
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ include "fsdp-train.snapshotSizeLimit" $root | quote }}
+  {{- end }}
   - name: tmp
     emptyDir: {}
   {{- if $v.data.existingClaim }}
@@ -367,4 +392,48 @@ volumes:
   {{- with $v.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end }}
+
+{{/* Where the memory snapshots live in the pod: the mount path of the `snapshots` memory emptyDir. */}}
+{{- define "fsdp-train.snapshotRoot" -}}
+/var/run/fsdp-train/snapshots
+{{- end }}
+
+{{/*
+Size limit of the snapshots volume: memoryTier.sizeLimit, or, for the built-in models, two snapshots of
+each local rank's share of the state (weights + two AdamW moments, fp32: 12 bytes per parameter, twice)
+when the job runs on its fewest pods (elastic.minReplicas), plus 25% and 64Mi of headroom. Your own
+model's size is unknown here: it must be set.
+*/}}
+{{- define "fsdp-train.snapshotSizeLimit" -}}
+{{- $v := .Values -}}
+{{- if $v.memoryTier.sizeLimit -}}
+{{ $v.memoryTier.sizeLimit }}
+{{- else -}}
+{{- $t := $v.trainer -}}
+{{- $model := $t.model | default "toy" -}}
+{{- if $t.preset -}}
+{{- fail "memoryTier.sizeLimit: set it when trainer.preset is used (2 x 12 bytes per parameter / elastic.minReplicas, plus headroom)" -}}
+{{- end -}}
+{{- $params := 408 -}}
+{{- if eq $model "transformer" -}}
+{{- $d := int ($t.d_model | default 64) -}}
+{{- $layers := int ($t.n_layers | default 2) -}}
+{{- $vocab := int ($t.vocab_size | default 256) -}}
+{{- $hidden := mul (div (add (mul 2 (int ($t.ffn_mult | default 4)) $d) 23) 24) 8 -}}
+{{- $params = add (mul 2 $vocab $d) (mul $layers (add (mul 4 $d $d) (mul 3 $d $hidden) (mul 2 $d))) $d -}}
+{{- else if ne $model "toy" -}}
+{{- fail (printf "memoryTier.sizeLimit: set it for your own model (trainer.model %s): 2 x 12 bytes per parameter / elastic.minReplicas, plus headroom; or memoryTier.every=0" $model) -}}
+{{- end -}}
+{{- $bytes := div (mul 24 $params) (max 1 (int $v.elastic.minReplicas)) -}}
+{{- add (div (mul $bytes 5) 4) 67108864 -}}
+{{- end -}}
+{{- end }}
+
+{{/* Whether failed trainer containers restart in place: restartInPlace, or with auto, a cluster of 1.35 or newer. */}}
+{{- define "fsdp-train.restartInPlace" -}}
+{{- $mode := .Values.restartInPlace -}}
+{{- if or (eq (toString $mode) "true") (and (eq (toString $mode) "auto") (semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version)) -}}
+true
+{{- end -}}
 {{- end }}

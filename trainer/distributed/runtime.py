@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -72,6 +73,14 @@ def init_runtime(requested_device: str, collective_timeout: float) -> Runtime:
                                 device_id=device if device.type == "cuda" else None)
     checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, checkpoint_group, collective_timeout)
+
+
+RUN_ID_ENV = "FSDP_TRAIN_RUN_ID"  # names the run where it is set (the chart sets it); else torchrun's run id
+
+
+def run_id(fallback: str | None = None) -> str:
+    """This run's name: ``FSDP_TRAIN_RUN_ID``, torchrun's ``TORCHELASTIC_RUN_ID``, ``fallback``, or a new one."""
+    return os.environ.get(RUN_ID_ENV) or os.environ.get("TORCHELASTIC_RUN_ID") or fallback or uuid.uuid4().hex
 
 
 def store_address() -> tuple[str, int]:

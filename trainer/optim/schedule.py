@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig
-from trainer.token_data import same_data
+from trainer.data.dataset import same_data
 
 
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:

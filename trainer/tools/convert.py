@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from trainer.checkpoint.reader import read_state
 from trainer.errors import UserError
-from trainer.seeding import load_torch_file
+from trainer.models.init_weights import load_torch_file
 
 
 def dcp_to_torch(checkpoint: str, out: str) -> None:

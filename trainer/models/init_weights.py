@@ -26,7 +26,7 @@ def load_torch_file(path: str, label: str) -> object:
 def read_model_state(path: str) -> dict[str, torch.Tensor]:
     """A plain model state dict, the model part of a ``fsdp-train convert dcp-to-torch`` file, or the
     weights of an ``export-hf`` (Llama) safetensors folder."""
-    from trainer.hf_export import is_hf_folder, read_hf_weights
+    from trainer.models.hf_llama import is_hf_folder, read_hf_weights
 
     if is_hf_folder(path):
         return read_hf_weights(path)

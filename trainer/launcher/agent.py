@@ -1,4 +1,4 @@
-"""torchrun's agent, run in this process (``python -m trainer.agent ARGS`` = ``torchrun ARGS``), so
+"""torchrun's agent, run in this process (``python -m trainer.launcher.agent ARGS`` = ``torchrun ARGS``), so
 that what it knows reaches the log and the next workers in one line each:
 
 - a worker group that failed: which worker, its exit code or signal, and that the group restarts
@@ -9,11 +9,14 @@ that what it knows reaches the log and the next workers in one line each:
 
 It also stops a group faster: a stopped worker (SIGSTOP, a debugger) can never act on torchrun's
 SIGTERM, so it is SIGKILLed at once instead of after the whole ``--shutdown-timeout``.
+
+And it restarts warm: ``-m trainer ARGS`` runs as the function ``worker.run(*ARGS)`` in processes
+forked from one forkserver that has imported torch, FSDP, DCP and the trainer already, instead of
+a fresh interpreter per worker and per restart (``WARM_START_ENV=0`` turns that off).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,9 +27,14 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-# Set for the workers (they inherit the agent's environment): where the agent wrote the last failure.
-FAILURE_FILE_ENV = "FSDP_TRAIN_FAILURE_FILE"
+from trainer.checkpoint.snapshot import FOLDER_ENV
+from trainer.distributed.failure_file import FAILURE_FILE_ENV, write_failure
+from trainer.distributed.runtime import run_id
+from trainer.errors import UserError
+
 AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+KEEP_ON_FAILURE_ENV = "FSDP_TRAIN_KEEP_SNAPSHOTS_ON_FAILURE"  # "1": a failed agent leaves its run's folder
+WARM_START_ENV = "FSDP_TRAIN_WARM_START"  # "0": every worker is a fresh interpreter, as plain torchrun starts it
 
 
 def describe_exit(exit_code: int) -> str:
@@ -41,9 +49,9 @@ def describe_exit(exit_code: int) -> str:
 class FailureRecorder(logging.Handler):
     """Catches the agent's "failed (exitcode: ...)" record: the first worker that failed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, run: RunFolder) -> None:
         super().__init__(logging.ERROR)
-        self.path = path
+        self.run = run
 
     def emit(self, record: logging.LogRecord) -> None:
         if not str(record.msg).startswith("failed (exitcode") or not isinstance(record.args, tuple):
@@ -52,20 +60,9 @@ class FailureRecorder(logging.Handler):
         failure: dict[str, Any] = {"time": record.created, "exit_code": exit_code, "local_rank": local_rank}
         if exit_code < 0:
             failure["signal"] = describe_exit(exit_code).removeprefix("signal ")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(failure))
-        os.replace(tmp, self.path)
+        write_failure(self.run.failure_file, failure)
         print(f"fsdp-train: worker local_rank {local_rank} failed ({describe_exit(exit_code)}); the group "
               "restarts from the newest checkpoint while restarts are left", file=sys.stderr, flush=True)
-
-
-def read_failure(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """The failure the agent recorded for this start, if any (a worker's view)."""
-    path = (environ if environ is not None else os.environ).get(FAILURE_FILE_ENV)
-    try:
-        return json.loads(Path(path).read_text()) if path else None
-    except (OSError, ValueError):
-        return None
 
 
 def is_stopped(pid: int) -> bool:
@@ -108,6 +105,72 @@ def install_fast_stop() -> None:
         PContext.close = stopped_workers_killed_first(PContext.close)  # type: ignore[method-assign]
 
 
+class RunFolder:
+    """This run's node-local folder: the workers' memory snapshots and the failure file. Named by the
+    job (its checkpoint directory) and the run, so what a job killed outright left behind is
+    reclaimed by the next start of the same job, and read by no other."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.failure_file = Path(tempfile.gettempdir()) / f"fsdp-train-failure-{os.getpid()}.json"
+
+    def open(self, train_args: list[str], run_id: str) -> None:
+        """Find the job's checkpoint directory in the workers' arguments, reclaim other runs' folders,
+        and tell the workers where this run's is (``FOLDER_ENV``). A config the workers will refuse
+        anyway leaves the run without one."""
+        from trainer.checkpoint.snapshot import reclaim, snapshot_folder
+        from trainer.config import parse_train_args
+
+        try:
+            cfg = parse_train_args(train_args[1:])  # train_args: "train", then its flags
+        except UserError:
+            return
+        folder = snapshot_folder(cfg.checkpoint_dir, run_id)
+        try:
+            reclaim(folder)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            print(f"fsdp-train: no memory snapshots ({folder}: {exc.strerror}); failures restore from disk",
+                  file=sys.stderr, flush=True)
+            return
+        self.path, self.failure_file = folder, folder / "failure.json"
+        os.environ[FOLDER_ENV] = str(folder)
+        os.environ[FAILURE_FILE_ENV] = str(self.failure_file)
+
+    def close(self, *, failed: bool) -> None:
+        """Free the folder when the job ends, is stopped or gives up; ``KEEP_ON_FAILURE_ENV`` keeps it
+        after a failure (in a pod, for the container restarted in place)."""
+        from trainer.checkpoint.snapshot import release
+
+        self.failure_file.unlink(missing_ok=True)
+        if self.path is not None and not (failed and os.environ.get(KEEP_ON_FAILURE_ENV) == "1"):
+            release(self.path)
+
+
+def job_entrypoint(config_from_args: Callable[..., Any], run: RunFolder, *, warm: bool) -> Callable[..., Any]:
+    """Wrap torchrun's ``config_from_args`` for ``-m trainer train ARGS``: open the run's folder and,
+    with ``warm``, make the workers the function ``worker.run`` with ``ARGS``, forked from a
+    forkserver that has preloaded their imports."""
+
+    @wraps(config_from_args)
+    def wrapped(args: Any) -> tuple[Any, Any, list[str]]:
+        config, command, command_args = config_from_args(args)
+        if not (args.module and args.training_script == "trainer" and not args.no_python):
+            return config, command, command_args
+        run.open(list(args.training_script_args), run_id(fallback=config.run_id))
+        if not warm:
+            return config, command, command_args
+        import multiprocessing
+
+        from trainer.launcher import worker
+
+        config.start_method = "forkserver"
+        multiprocessing.get_context("forkserver").set_forkserver_preload(worker.PRELOAD)
+        return config, worker.run, list(args.training_script_args)
+
+    return wrapped
+
+
 def give_up_reason(exc: BaseException) -> str | None:
     """One line for why the agent stopped, for the errors a user can act on."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -137,21 +200,32 @@ def give_up_reason(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
 
-    failure_file = Path(tempfile.gettempdir()) / f"fsdp-train-failure-{os.getpid()}.json"
-    os.environ[FAILURE_FILE_ENV] = str(failure_file)
-    logging.getLogger(AGENT_LOGGER).addHandler(FailureRecorder(failure_file))
+    run = RunFolder()
+    os.environ[FAILURE_FILE_ENV] = str(run.failure_file)  # until the run's folder is known
+    logging.getLogger(AGENT_LOGGER).addHandler(FailureRecorder(run))
     install_fast_stop()
+    torchrun.config_from_args = job_entrypoint(torchrun.config_from_args, run,
+                                               warm=os.environ.get(WARM_START_ENV, "1") != "0")
+    failed = True
     try:
         torchrun.main(argv)
+        failed = False
     except BaseException as exc:  # every way out gets its one line, then the usual exit code
         reason = give_up_reason(exc)
         if reason is None:
             raise
         print(f"fsdp-train: {reason}", file=sys.stderr, flush=True)
+        failed = not isinstance(exc, _signal_exception())  # a stop is not a failure
         return 1
     finally:
-        failure_file.unlink(missing_ok=True)
+        run.close(failed=failed)
     return 0
+
+
+def _signal_exception() -> type:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    return SignalException
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class MetricsWriter:
         self._warned = False
         self._sinks = []
         if enabled and tensorboard:
-            from trainer.tensorboard_sink import TensorBoardSink
+            from trainer.metrics.tensorboard import TensorBoardSink
 
             self._sinks.append(TensorBoardSink(checkpoint_dir))
 

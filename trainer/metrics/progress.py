@@ -10,7 +10,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig
-from trainer.metrics import MetricsWriter
+from trainer.metrics.records import MetricsWriter
 
 log = logging.getLogger("fsdp_train")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer.checkpoint.layout import committed_checkpoints
 from trainer.errors import UserError
-from trainer.metrics import METRICS_FILE, read_metrics
+from trainer.metrics.records import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -84,13 +84,15 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
     else:
         lines.append("  last checkpoint: none committed yet")
     if run.starts and run.starts[-1].get("phases"):
-        recovered = run.starts[-1].get("recovered_from") or {}
+        last_start = run.starts[-1]
+        recovered = last_start.get("recovered_from") or {}
         after = f" after {recovered['cause']}" if recovered.get("cause") not in (None, "fresh") else ""
+        tier = f", restored from {last_start['restored_from']}" if last_start.get("restored_from") else ""
         lost = f", {recovered['steps_lost']} step(s) lost" if "steps_lost" in recovered else ""
-        lines.append(f"  last start{after}{lost} took: {describe_phases(run.starts[-1]['phases'])}")
+        lines.append(f"  last start{after}{tier}{lost} took: {describe_phases(last_start['phases'])}")
     lines.append(f"  resumes so far: {len(run.resumes)}" + "".join(
         f"\n    at step {r['resumed_from']['step']}: world {r['resumed_from']['world_size']} -> {r['world_size']}"
-        for r in run.resumes))
+        + (f" (from {r['restored_from']})" if r.get("restored_from") else "") for r in run.resumes))
     if release:
         lines += _pod_lines(namespace or "default", release)
     return "\n".join(lines)

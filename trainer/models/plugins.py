@@ -9,7 +9,6 @@ exception's type and message are kept in that line.
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,6 @@ from typing import Any
 from torch import nn
 
 from trainer.errors import UserError
-
-PLUGIN_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-
-
-def is_plugin(model: str) -> bool:
-    return PLUGIN_SPEC.fullmatch(model) is not None
 
 
 def add_python_path(folders: str | None) -> None:

@@ -14,14 +14,15 @@ from typing import Any
 
 
 def seconds_since_process_start() -> float | None:
-    """Wall seconds since this process was created (interpreter start and imports), where the OS says."""
+    """Wall seconds since this process was created (forked or executed), where the OS says: its start
+    in clock ticks since boot (``/proc/self/stat``) against the time since boot now (``/proc/stat``'s
+    whole-second boot time would be off by up to a second)."""
     try:
         started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return max(0.0, time.time() - (boot + started_ticks / os.sysconf("SC_CLK_TCK")))
+    return max(0.0, since_boot - started_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class PhaseClock:

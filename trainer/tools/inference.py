@@ -15,10 +15,11 @@ from torch import nn
 from trainer.checkpoint.layout import COMMIT_FILE, open_checkpoint
 from trainer.checkpoint.reader import read_model_weights
 from trainer.config import TrainConfig, config_from_record
+from trainer.data.dataset import open_dataset
+from trainer.data.tokenizer import Tokenizer, dataset_tokenizer, open_tokenizer
 from trainer.errors import UserError
-from trainer.models import TOY_IN, build_model
-from trainer.token_data import open_dataset
-from trainer.tokenizer import Tokenizer, dataset_tokenizer, open_tokenizer
+from trainer.models.build import build_model
+from trainer.models.toy import TOY_IN
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:

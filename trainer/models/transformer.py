@@ -1,40 +1,15 @@
-"""The built-in models and the hook that tells FSDP2 where to shard.
-
-``ToyModel`` is the seed's model (FQNs ``net1``/``net2``). ``TransformerLM`` is a Llama-style
-decoder (RMSNorm, rotary position embeddings, a SwiGLU MLP, no biases) whose module names are
-Hugging Face ``LlamaForCausalLM``'s, so its weights map onto that model one to one; its size comes
-from flags or a ``--preset``, so checkpoints range from kilobytes to gigabytes.
-"""
+"""The built-in ``--model transformer``: a Llama-style decoder (RMSNorm, rotary position embeddings,
+a SwiGLU MLP, no biases) whose module names are Hugging Face ``LlamaForCausalLM``'s, so its weights
+map onto that model one to one. Its size comes from flags or a ``--preset``, so checkpoints range
+from kilobytes to gigabytes."""
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from trainer.config import TrainConfig
-from trainer.errors import UserError
-from trainer.plugins import build_plugin
-
-TOY_IN, TOY_HIDDEN, TOY_OUT = 16, 16, 8
-
-
-class ToyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net1 = nn.Linear(TOY_IN, TOY_HIDDEN)
-        self.relu = nn.ReLU()
-        self.net2 = nn.Linear(TOY_HIDDEN, TOY_OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net2(self.relu(self.net1(x)))
-
-    def shard_units(self) -> list[nn.Module]:
-        return [self.net1, self.net2]
-
 
 ROPE_THETA = 10_000.0
 NORM_EPS = 1e-5
@@ -122,50 +97,3 @@ class TransformerLM(nn.Module):
 
     def shard_units(self) -> list[nn.Module]:
         return list(self.layers)
-
-
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """Build the unwrapped model, initialised from ``cfg.seed`` identically on every rank."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        if cfg.model == "toy":
-            return ToyModel()
-        if cfg.model == "transformer":
-            return TransformerLM(cfg)
-        return build_plugin(cfg.model, cfg.model_args, cfg.python_path)
-
-
-def shard_units(model: nn.Module, pattern: str | None, spec: str) -> list[nn.Module]:
-    """What FSDP2 shards below the root, innermost first: ``model.shard_units()`` when it exists,
-    else the modules whose FQNs match ``pattern``, else the entries of its ``ModuleList`` children."""
-    if hasattr(model, "shard_units"):
-        return list(model.shard_units())
-    if pattern:
-        named = [(name, module) for name, module in model.named_modules() if name]
-        units = [module for name, module in reversed(named) if fnmatch.fnmatchcase(name, pattern)]
-        if not units:
-            names = ", ".join(name for name, _ in named[:6])
-            raise UserError(f"--shard-modules {pattern}: matches no module of --model {spec} (its modules "
-                            f"start {names}); pass a glob over those names")
-        return units
-    return [entry for child in model.children() if isinstance(child, nn.ModuleList) for entry in child]
-
-
-def per_sample_loss(model_kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Loss of each sample (shape ``[batch]``), so ranks can weight by sample count."""
-    output = output.float()  # a bf16 forward still takes its loss in fp32
-    if model_kind == "toy":
-        return F.mse_loss(output, target, reduction="none").mean(dim=1)
-    tokens = F.cross_entropy(output.flatten(0, 1), target.flatten(), reduction="none")
-    return tokens.view(target.shape).mean(dim=1)
-
-
-def recompute_activations(unit: nn.Module) -> None:
-    """Activation checkpointing that keeps the module's FQNs (so checkpoints load with it on or off):
-    its forward runs under ``torch.utils.checkpoint`` and is run again in the backward pass."""
-    forward = unit.forward
-
-    def recomputed(*args: object, **kwargs: object) -> object:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    unit.forward = recomputed  # type: ignore[method-assign]

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import torch
 
 from trainer.config import TrainConfig
+from trainer.data.dataset import DatasetInfo, TokenWindows, open_dataset, same_data
 from trainer.errors import UserError
-from trainer.models import TOY_IN, TOY_OUT
-from trainer.token_data import DatasetInfo, TokenWindows, open_dataset, same_data
+from trainer.models.toy import TOY_IN, TOY_OUT
 
 LM_NOISE = 0.1  # fraction of tokens drawn at random instead of following the chain
 HELD_OUT_SYNTHETIC = 1 << 48  # synthetic evaluation samples start here: never reached by training

@@ -25,10 +25,12 @@ from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.marker import SaveReason, require_same_shape
 from trainer.config import TrainConfig, config_to_args
-from trainer.data import TrainingData, check_same_data
-from trainer.metrics import read_metrics
-from trainer.models import build_model, shard_units
-from trainer.seeding import check_matches, read_model_state
+from trainer.data.loader import TrainingData, check_same_data
+from trainer.launcher.agent import KEEP_ON_FAILURE_ENV
+from trainer.metrics.records import read_metrics
+from trainer.models.build import build_model
+from trainer.models.init_weights import check_matches, read_model_state
+from trainer.models.sharding import shard_units
 
 # What in-place restarts need from torchrun, set by ``local`` and ``launch`` unless the user set it.
 # With the rendezvous store shared as the workers' store, a restarted group fails about half the
@@ -56,7 +58,7 @@ def stop_timeout(cfg: TrainConfig) -> int:
 
 def torchrun_prefix(*extra: str) -> list[str]:
     """torchrun, through ``trainer.agent``: the same agent, with a one-line reason for each failure."""
-    return [sys.executable, "-m", "trainer.agent", *extra]
+    return [sys.executable, "-m", "trainer.launcher.agent", *extra]
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
@@ -86,16 +88,16 @@ def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
                               *config_to_args(cfg))
     env = restart_safe({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     started = time.time()
-    # Same process group as us: Ctrl-C reaches torchrun and the workers directly, and killing
-    # the group kills everything. SIGTERM sent to this process alone is forwarded.
+    # Same process group as us: Ctrl-C at a terminal reaches torchrun and the workers directly, and
+    # killing the group kills everything. A SIGINT or SIGTERM sent to this process alone (a supervisor,
+    # `timeout -s INT`, an IDE's stop button) is forwarded to torchrun as SIGTERM: the same clean stop.
     child = subprocess.Popen(command, env=env)
     stopping = False
 
-    def forward(signum: int, _frame: object) -> None:
+    def forward(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if signum == signal.SIGTERM:
-            child.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
@@ -129,6 +131,8 @@ def launch_command(cfg: TrainConfig, train_args: list[str], environ: dict[str, s
 
 
 def exec_launch(cfg: TrainConfig, train_args: list[str], nnodes: str | None = None) -> None:
-    """Become torchrun (PID 1 in the container receives SIGTERM directly)."""
+    """Become torchrun (PID 1 in the container receives SIGTERM directly). A failed agent leaves its
+    memory snapshots behind, for the container restarted in place (they live in the pod's memory
+    volume, freed with the pod)."""
     command = launch_command(cfg, train_args, dict(os.environ), nnodes)
-    os.execve(command[0], command, restart_safe(dict(os.environ)))
+    os.execve(command[0], command, restart_safe({**os.environ, KEEP_ON_FAILURE_ENV: "1"}))

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trainer.data_sources import DocumentReader, SourceOptions, discover
+from trainer.data.dataset import DATASET_FILE, FORMAT_VERSION, SPLITS, token_dtype
+from trainer.data.sources import DocumentReader, SourceOptions, discover
+from trainer.data.tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, open_tokenizer, train_bpe
 from trainer.errors import UserError
-from trainer.token_data import DATASET_FILE, FORMAT_VERSION, SPLITS, token_dtype
-from trainer.tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, open_tokenizer, train_bpe
 
 CHUNK_CHARS = 4 << 20  # text per tokenizer task
 CHUNKS_AHEAD_PER_WORKER = 2

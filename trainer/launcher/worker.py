@@ -1,0 +1,60 @@
+"""The worker entrypoint of a warm agent: a function that the agent's forkserver forks.
+
+A fresh interpreter pays about 1.9 s to import torch, FSDP and DCP, and the first DTensor another
+CPU-second for ``torch._dynamo``, on every restart. The agent instead starts one forkserver that
+imports all of that once (this module, with ``PRELOAD``); each worker, the first and every restarted
+one, is forked from it ready to run. torchrun's agent still owns the workers: it sets their
+environment (``RANK``, ``WORLD_SIZE``, ...), watches them and stops them as it would processes it
+executed itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import traceback
+
+# What the forkserver imports before forking anything: the worker's whole import tree, and what the
+# first DTensor would otherwise import on the restart path (``torch._dynamo``, most of a CPU-second).
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.checkpoint", "trainer.train",
+           __name__]
+
+PR_SET_NAME = 15
+NAME_PREFIX = "fsdp-rank"  # /proc/PID/comm of a forked worker: "fsdp-rank<RANK>"
+
+
+def name_this_process(rank: str) -> None:
+    """A forked worker's command line is the forkserver's; its name in ``ps`` and ``/proc/PID/comm``
+    says which rank it is (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, f"{NAME_PREFIX}{rank}".encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run(*argv: str) -> None:
+    """``fsdp-train ARGV`` (``train ...``) in this forked process; exits with its code, as a worker
+    process that torchrun executed would. A worker that fails exits at once: its background threads
+    (a save, the writer processes' start) may wait on a peer that is gone, and joining them at exit
+    would hold the restart until torchrun's SIGKILL, 30 s later."""
+    from trainer.config import parse_train_args
+    from trainer.errors import UserError
+    from trainer.train import main
+
+    name_this_process(os.environ.get("RANK", "?"))
+    try:
+        code = main(parse_train_args(list(argv[1:])))  # argv: "train", then its flags
+    except UserError as exc:
+        print(f"fsdp-train: error: {exc}", file=sys.stderr)
+        code = 2
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
+        traceback.print_exc()
+        code = 1
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(0)

@@ -1,0 +1,2 @@
+"""The optimisation schedule: AdamW's learning rate (warm-up, then cosine), re-based on resume on
+this run's settings, with each change that moves the trajectory reported."""
