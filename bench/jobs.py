@@ -22,8 +22,10 @@ from trainer.metrics.records import read_metrics
 
 # torchrun's agent logs in glog format: "W1201 12:52:04.129000 3972 .../api.py:1028] message"
 AGENT_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+ (\S+)\] (.*)$")
-# what the agent logs when it acts on a failed worker group: it stops the rest, or reports the failure
-AGENT_REACTS = ("closing signal", "failed (exitcode")
+# what the agent logs when it acts on a failed worker group: it stops the rest (workers it executed:
+# "closing signal"; workers it forked: "Closing process" or, on a failure, "Terminating process"),
+# or reports the failure
+AGENT_REACTS = ("closing signal", "Closing process", "Terminating process", "failed (exitcode")
 
 
 def _ancestors_cmdlines(pid: int, depth: int = 4) -> list[bytes]:

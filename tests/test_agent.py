@@ -42,7 +42,10 @@ def test_the_agents_failure_record_reaches_the_next_start(tmp_path, capsys):
     earlier = [{"event": "start", "time": 1.0}, {"event": "step", "step": 7, "time": failure["time"] - 1}]
     found = what_it_recovered_from(5, "periodic", 2, 2, earlier, failure)
     assert (found["cause"], found["signal"], found["exit_code"], found["steps_lost"]) == ("failure", "SIGKILL", -9, 2)
-    stale = [*earlier, {"event": "step", "step": 9, "time": failure["time"] + 5}]
+    survivor = [*earlier, {"event": "step", "step": 8, "time": failure["time"] + 0.01}]
+    assert what_it_recovered_from(5, "periodic", 2, 2, survivor, failure)["signal"] == "SIGKILL", \
+        "a step a survivor logged just after the failure does not hide it"
+    stale = [*earlier, {"event": "start", "time": failure["time"] + 5}, {"event": "step", "step": 9}]
     assert "signal" not in what_it_recovered_from(5, "periodic", 2, 2, stale, failure), "an older failure"
 
 

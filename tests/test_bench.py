@@ -60,23 +60,29 @@ def test_recovery_bench_breaks_each_recovery_down(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert set(results) == {"kill-one", "term-job"}
-    for scenario, summary in results.items():
+    assert all(set(modes) == {"cold", "warm"} for modes in results.values())
+    assert results["kill-one"]["cold"]["restored_from"] == {"disk": 1}, "before: fresh interpreters, disk"
+    assert results["kill-one"]["warm"]["restored_from"] == {"memory": 1}, "now: forked workers, memory"
+    for scenario, summary in ((f"{scenario} {mode}", summary) for scenario, modes in results.items()
+                              for mode, summary in modes.items()):
         parts = [summary[name]["median"] for name in ("detection_s", "stop_s", "restart_s")]
         assert all(part >= 0 for part in parts), (scenario, summary)
         assert sum(parts) == pytest.approx(summary["total_s"]["median"], abs=0.01), "the parts add up to the total"
         assert {"process_start", "restore", "first_step"} <= set(summary["phases_median"])
         assert scenario in proc.stdout
-    assert results["term-job"]["steps_lost"]["max"] == 0, "an emergency checkpoint loses nothing"
+    assert all(summary["steps_lost"]["max"] == 0 for summary in results["term-job"].values()), \
+        "an emergency checkpoint loses nothing"
 
 
 def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
     out = tmp_path / "goodput.json"
     proc = run_python("-m", "bench.goodput", "--minutes", "0.3", "--kill-every", "6", "--intervals", "5",
-                      "--checkpoint-every", "auto", "--json", str(out), *TINY_JOB,
+                      "--checkpoint-every", "auto", "--modes", "warm", "--json", str(out), *TINY_JOB,
                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [row["every"] for row in result["intervals"]] == ["5", "auto"]
+    assert all(row["restored_from"] for row in result["rows"]), "each row says which tier its restarts used"
     assert 0 < result["goodput"] < 1 and result["failures"] >= 1
     assert len(result["recovery_s"]) >= 1 and all(seconds > 0 for seconds in result["recovery_s"])
     assert "auto" in proc.stdout and "best fixed" in proc.stdout

@@ -33,7 +33,7 @@ from trainer.checkpoint.snapshot import FOLDER_ENV, ROOT_ENV, job_key
 pytestmark = pytest.mark.torchrun
 
 # Synchronous saves: a checkpoint is committed when its step ends, so a kill lands between two known ones.
-FLAGS = [*TINY_LM, "--global-batch-size", "8", "--checkpoint-every", "4", "--checkpoint-mode", "sync",
+FLAGS = [*TINY_LM, "--global-batch-size", "8", "--checkpoint-every", "8", "--checkpoint-mode", "sync",
          "--log-every", "1", "--lr", "3e-3"]
 STEPS = 40  # long enough that the kill below lands well before the end
 RUN = "run-1"
@@ -76,7 +76,7 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory) -> tuple[Path, Path]:
-    """A run SIGKILLed whole (workers and torchrun) two steps past a committed checkpoint (one every 4
+    """A run SIGKILLed whole (workers and torchrun) two steps past a committed checkpoint (one every 8
     steps), with the settings of the restarts below (a snapshot is only restored under the settings
     it was taken with): a snapshot after every step, each rank's two newest kept in memory."""
     base = tmp_path_factory.mktemp("killed")

@@ -78,7 +78,6 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self.start_phases: dict[str, float | dict[str, float]] = {}
         self._writers_ready: Future | None = None  # the writer processes' start, on the save thread
-        self._writers_deferred = False  # their start waits for the first step
         self.interval: FixedInterval | AutoInterval = FixedInterval(settings.every or 1)
         self._left_maybe_save: float | None = None  # when the last maybe_save returned: a step runs after it
 
@@ -123,24 +122,16 @@ class CheckpointManager:
         return self.resumed
 
     def _start_writers(self) -> None:
-        """Staging now (it copies the live state); the writer processes once the first step is done,
-        on the save thread: a fresh interpreter each, whose imports would otherwise take the CPU the
-        first step after a restart needs. Every save waits for ``_writers_ready`` first."""
+        """Staging now (it copies the live state); the writer processes on the save thread, so the
+        first step does not wait for them: every save waits for ``_writers_ready`` first."""
         if self.settings.mode == SaveMode.ASYNC:
             self._stager.prepare({STATE_KEY: self.app_state.state_dict()})
             if self.settings.writer == WriterKind.PROCESS:
-                self._writers_deferred = True
+                self._writers_ready = self._thread.submit(self._start_writer_processes)
             else:
                 self._thread.submit(lambda: None)  # the thread starts (and lowers its priority) now
         if self.rt.is_primary:
             self._retain()
-
-    def _writers_starting(self) -> None:
-        """Start the deferred writer processes on the save thread (after the first step, or before
-        the first save if that comes sooner)."""
-        if self._writers_deferred:
-            self._writers_deferred = False
-            self._writers_ready = self._thread.submit(self._start_writer_processes)
 
     def _start_writer_processes(self) -> None:
         self._writer_process = start_on_every_rank(self.rt, self._stager)
@@ -171,7 +162,6 @@ class CheckpointManager:
         elif self.interval.due(step, self._last_saved_step):
             self.save(step, loss, SaveReason.PERIODIC, blocking=False)
             self.interval.saved(step, time.perf_counter() - entered)
-        self._writers_starting()
         self._left_maybe_save = time.perf_counter()
 
     def _agree_max(self, values: tuple[float, ...]) -> tuple[float, ...]:
@@ -189,7 +179,6 @@ class CheckpointManager:
     # ---- the save mechanism -------------------------------------------------------------
     def save(self, step: int, loss: float | None, reason: SaveReason, *, blocking: bool) -> None:
         """Save the state after ``step`` now (``maybe_save`` decides when; benchmarks call this directly)."""
-        self._writers_starting()
         if self._writers_ready is not None:  # its collectives and a save's share the checkpoint group
             self._writers_ready.result()
         self.wait()

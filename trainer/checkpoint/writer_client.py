@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,17 +47,12 @@ class WriterClient:
     def __init__(self, hello: Hello) -> None:
         if not shared_memory_supported():
             raise WriterUnavailable("this OS has no memfd to share staging memory")
-        self._sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        package_root = str(Path(trainer.__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        with child_end:
-            try:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "trainer.checkpoint.writer_server", str(child_end.fileno()),
-                     str(os.getpid())], pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
-            except OSError as exc:
-                self._sock.close()
-                raise WriterUnavailable(f"could not start {sys.executable}: {exc.strerror}") from None
+        forked = os.environ.pop(FORKED_WRITER_ENV, None)  # one writer per forked worker, used once
+        if forked:
+            fd, pid = (int(part) for part in forked.split(":"))
+            self._sock, self._process = socket.socket(fileno=fd), ForkedProcess(pid)
+        else:
+            self._sock, self._process = self._spawn()
         self._mapped_generation = 0
         try:
             self._sock.settimeout(START_TIMEOUT_S)
@@ -71,6 +68,22 @@ class WriterClient:
         if not isinstance(reply, Ready):
             self.close()
             raise WriterUnavailable(reply.reason)
+
+    @staticmethod
+    def _spawn() -> tuple[socket.socket, subprocess.Popen]:
+        """A writer process of its own: a fresh interpreter (where the worker was not forked warm)."""
+        sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        package_root = str(Path(trainer.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        with child_end:
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "trainer.checkpoint.writer_server", str(child_end.fileno()),
+                     str(os.getpid())], pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            except OSError as exc:
+                sock.close()
+                raise WriterUnavailable(f"could not start {sys.executable}: {exc.strerror}") from None
+        return sock, process
 
     @property
     def pid(self) -> int:
@@ -118,6 +131,35 @@ class WriterClient:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+# Set by a warm worker for its trainer: "FD:PID" of the writer it forked before it started anything.
+FORKED_WRITER_ENV = "FSDP_TRAIN_FORKED_WRITER"
+
+
+class ForkedProcess:
+    """What ``WriterClient`` needs of ``subprocess.Popen`` (wait, kill, pid), for a writer this
+    process forked itself."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"writer {self.pid}", timeout)
+            else:
+                time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def start_on_every_rank(rt: Runtime, stager: ReusableHostStager) -> WriterClient | None:

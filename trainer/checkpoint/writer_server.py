@@ -133,7 +133,12 @@ def serve(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    socket_fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
+    run(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def run(socket_fd: int, parent_pid: int) -> None:
+    """Serve the trainer ``parent_pid`` on ``socket_fd`` until it closes: in a process of its own
+    (``main``), or forked from a warm worker before it started anything (``launcher.worker``)."""
     _die_with(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

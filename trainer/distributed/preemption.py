@@ -24,6 +24,14 @@ EXIT_PEER_PREEMPTED = 75  # EX_TEMPFAIL: a peer was stopped; torchrun should res
 EXIT_GRACE_EXCEEDED = 124
 EXIT_ORPHANED = 1
 
+_received: list[str] = []  # every stop signal this process was sent, in order
+
+
+def stop_signal_received() -> str | None:
+    """The first SIGTERM/SIGINT this process was sent while training, if any: then whoever started
+    it is stopping it, and waits for it to exit, not for a result."""
+    return _received[0] if _received else None
+
 
 class StopRequest:
     def __init__(self) -> None:
@@ -46,6 +54,7 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
+        _received.append(signal.Signals(signum).name)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 

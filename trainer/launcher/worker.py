@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
 import traceback
 
@@ -22,26 +23,55 @@ PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distribute
 
 PR_SET_NAME = 15
 NAME_PREFIX = "fsdp-rank"  # /proc/PID/comm of a forked worker: "fsdp-rank<RANK>"
+WRITER_PREFIX = "fsdp-writer"  # and of the writer process it forked: "fsdp-writer<RANK>"
 
 
-def name_this_process(rank: str) -> None:
+def name_this_process(rank: str, prefix: str = NAME_PREFIX) -> None:
     """A forked worker's command line is the forkserver's; its name in ``ps`` and ``/proc/PID/comm``
     says which rank it is (Linux; elsewhere a no-op)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, f"{NAME_PREFIX}{rank}".encode()[:15], 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, f"{prefix}{rank}".encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
 
+def fork_writer() -> None:
+    """Fork this rank's checkpoint writer process now, while this process is still a single-threaded
+    copy of the forkserver with everything imported: the writer is ready at once, where a writer
+    process of its own would import torch again (two CPU-seconds per rank, on every restart). It
+    waits for its trainer's first message (``writer_client.FORKED_WRITER_ENV`` says where)."""
+    from trainer.checkpoint import writer_server
+    from trainer.checkpoint.writer_client import FORKED_WRITER_ENV
+
+    trainer_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the writer: it never returns into the worker's code
+        trainer_end.close()
+        code = 0
+        try:
+            name_this_process(os.environ.get("RANK", "?"), WRITER_PREFIX)
+            writer_server.run(writer_end.detach(), parent)
+        except BaseException:  # noqa: BLE001 - the writer's end, whatever it is
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    writer_end.close()
+    os.environ[FORKED_WRITER_ENV] = f"{trainer_end.detach()}:{pid}"
+
+
 def run(*argv: str) -> None:
     """``fsdp-train ARGV`` (``train ...``) in this forked process; exits with its code, as a worker
-    process that torchrun executed would. A worker that fails exits at once: its background threads
-    (a save, the writer processes' start) may wait on a peer that is gone, and joining them at exit
-    would hold the restart until torchrun's SIGKILL, 30 s later."""
+    process that torchrun executed would. A worker that fails exits at once: a helper thread still
+    waiting on a peer that is gone (a save) would otherwise hold the exit, and the restart, until
+    torchrun's SIGKILL 30 s later."""
     from trainer.config import parse_train_args
+    from trainer.distributed.preemption import stop_signal_received
     from trainer.errors import UserError
     from trainer.train import main
 
+    fork_writer()
     name_this_process(os.environ.get("RANK", "?"))
     try:
         code = main(parse_train_args(list(argv[1:])))  # argv: "train", then its flags
@@ -53,8 +83,8 @@ def run(*argv: str) -> None:
     except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
         traceback.print_exc()
         code = 1
-    if code:
+    if code or stop_signal_received():  # failed, or stopped by the agent, which waits for the exit only
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(0)
+    sys.exit(0)  # the end of the run: torchrun's wrapper takes this as the function's return value

@@ -76,8 +76,11 @@ def what_it_recovered_from(resumed_step: int | None, resumed_reason: str | None,
         last = steps[-1]
         found.update(last_step=last["step"], last_step_time=last.get("time"),
                      steps_lost=max(0, last["step"] - resumed_step))
-    noticed_after_last_step = agent_failure and agent_failure.get("time", 0) >= (found.get("last_step_time") or 0)
-    if cause == "failure" and noticed_after_last_step:
+    # The failure is this start's if the agent noticed it after the run segment before this one began
+    # (a survivor may still log the step the failed worker finished just before it died).
+    last_start = next((record.get("time", 0) for record in reversed(earlier) if record.get("event") == "start"), 0)
+    noticed_after_last_start = agent_failure and agent_failure.get("time", 0) >= last_start
+    if cause == "failure" and noticed_after_last_start:
         found.update(exit_code=agent_failure["exit_code"], failed_at=agent_failure["time"],
                      **({"signal": agent_failure["signal"]} if "signal" in agent_failure else {}))
     return found
