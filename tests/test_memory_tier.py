@@ -171,20 +171,20 @@ def test_snapshots_are_freed_at_the_end_on_ctrl_c_and_on_a_give_up_and_reclaimed
     # SIGKILL of the whole job, agent included: its snapshots stay behind ...
     job = local(ckpt, shm, "--max-steps", "1000")
     try:
-        wait_for(lambda: last_step(ckpt) >= 5, 240, "step 5")
+        wait_for(lambda: committed_checkpoints(ckpt) and last_step(ckpt) >= 9, 240, "step 9, past a checkpoint")
     finally:
         kill_job(job)
     left = [run.name for run in job_folder(shm, ckpt).iterdir()]
     assert len(left) == 1 and (job_folder(shm, ckpt) / left[0] / "rank-1").is_dir()
     # ... until the next start of the same job, which reclaims them unread, and frees its own at the end
-    job = local(ckpt, shm, "--max-steps", "8")
+    job = local(ckpt, shm, "--max-steps", "12")
     assert job.wait(timeout=240) == 0, job.stderr.read()[-3000:]
     assert start_records(ckpt)[-1]["restored_from"] == "disk", "another run's snapshots are never read"
     assert not job_folder(shm, ckpt).exists()
     # Ctrl-C: the emergency checkpoint, then nothing left
     job = local(ckpt, shm, "--max-steps", "1000")
     try:
-        wait_for(lambda: last_step(ckpt) >= 11, 240, "step 11")
+        wait_for(lambda: last_step(ckpt) >= 15, 240, "step 15")
         job.send_signal(signal.SIGINT)
         assert job.wait(timeout=120) == 0, job.stderr.read()[-3000:]
     finally:
@@ -193,7 +193,7 @@ def test_snapshots_are_freed_at_the_end_on_ctrl_c_and_on_a_give_up_and_reclaimed
     # a give-up (no restarts left after a failed worker): nothing left either, the failure file included
     job = local(ckpt, shm, "--max-steps", "1000", "--max-restarts", "0")
     try:
-        wait_for(lambda: last_step(ckpt) >= 15, 240, "step 15")
+        wait_for(lambda: last_step(ckpt) >= 19, 240, "step 19")
         os.kill(wait_for(lambda: worker_pids(str(ckpt)).get(1), 30, "worker 1"), signal.SIGKILL)
         assert job.wait(timeout=120) != 0
     finally:

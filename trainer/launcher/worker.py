@@ -14,6 +14,7 @@ import ctypes
 import os
 import socket
 import sys
+import time
 import traceback
 
 # What the forkserver imports before forking anything: the worker's whole import tree, and what the
@@ -23,6 +24,7 @@ PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distribute
 
 PR_SET_NAME = 15
 NAME_PREFIX = "fsdp-rank"  # /proc/PID/comm of a forked worker: "fsdp-rank<RANK>"
+ROOT_CAUSE_FIRST_S = 0.3
 WRITER_PREFIX = "fsdp-writer"  # and of the writer process it forked: "fsdp-writer<RANK>"
 
 
@@ -83,6 +85,9 @@ def run(*argv: str) -> None:
     except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
         traceback.print_exc()
         code = 1
+        # Most often a peer died and this rank's collective failed: let the agent, which looks every
+        # 0.1 s, see the peer's death first, so it names that as the failure, not this one.
+        time.sleep(ROOT_CAUSE_FIRST_S)
     if code or stop_signal_received():  # failed, or stopped by the agent, which waits for the exit only
         sys.stdout.flush()
         sys.stderr.flush()
