@@ -82,13 +82,27 @@ def killed(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("killed")
     ckpt, folder = base / "ckpt", base / "shm" / RUN
     job = workers(2, ckpt, folder, RUN, "--max-steps", str(STEPS), wait=False)
+    ranks: dict[int, int] = {}
     try:
+        # torchrun starts its workers in sessions of their own: they are killed by pid, with torchrun, at once
+        ranks = wait_for(lambda: len(found := worker_pids(str(ckpt))) == 2 and found, 120, "both workers")
         wait_for(lambda: (committed := committed_checkpoints(ckpt)) and last_step(ckpt) >= committed[-1].step + 2,
                  240, "two steps past a committed checkpoint", interval=0.002)
     finally:
+        for pid in ranks.values():
+            os.kill(pid, signal.SIGKILL)
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+    wait_for(lambda: not any(map(running, ranks.values())), 30, "the workers gone")
     return ckpt, folder
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not: it waits only to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def copy_of(killed: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
