@@ -15,6 +15,7 @@ from conftest import ROOT, _env, wait_for
 from trainer.distributed.failure_file import FAILURE_FILE_ENV, read_failure
 from trainer.launcher.agent import (
     AGENT_LOGGER,
+    HOLD_FD_ENV,
     FailureRecorder,
     RunFolder,
     give_up_reason,
@@ -22,6 +23,8 @@ from trainer.launcher.agent import (
     is_stopped,
     job_entrypoint,
     kill_stopped_workers,
+    runs_the_trainer,
+    stopped_peers_killed_first,
 )
 from trainer.metrics.phases import what_it_recovered_from
 
@@ -67,11 +70,33 @@ def test_a_stopped_worker_is_killed_at_once_and_a_running_one_is_left_to_sigterm
 
 def test_the_agent_stops_a_worker_group_through_the_fast_stop():
     from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.multiprocessing.spawn import ProcessContext
 
     install_fast_stop()
     install_fast_stop()  # idempotent: one wrapper, not two
-    assert PContext.close.kills_stopped_workers
-    assert not getattr(PContext.close.__wrapped__, "kills_stopped_workers", False)
+    for wrapped in (PContext.close, ProcessContext._join_procs_with_timeout):
+        assert wrapped.kills_stopped_workers
+        assert not getattr(wrapped.__wrapped__, "kills_stopped_workers", False)
+
+
+def test_after_a_forked_worker_failed_a_stopped_peer_is_killed_before_torchs_30_s_wait(capsys):
+    from types import SimpleNamespace
+
+    stopped, running = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    waited = []
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        wait_for(lambda: is_stopped(stopped.pid), 10, "the worker to stop")
+        group = SimpleNamespace(pids=lambda: [running.pid, stopped.pid],  # torch's ProcessContext, as join sees it
+                                processes=[SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=None)])
+        stopped_peers_killed_first(lambda context, timeout: waited.append(timeout))(group, 30)
+        assert stopped.wait(timeout=10) == -signal.SIGKILL and waited == [30]
+        assert running.poll() is None, "a running worker still gets torch's SIGTERM and its grace"
+        assert "worker local_rank 1 (pid" in capsys.readouterr().err
+    finally:
+        for proc in (stopped, running):
+            proc.kill()
+            proc.wait()
 
 
 def test_trainer_workers_start_warm_from_a_forkserver_in_their_runs_folder(tmp_path, monkeypatch):
@@ -93,9 +118,14 @@ def test_trainer_workers_start_warm_from_a_forkserver_in_their_runs_folder(tmp_p
     train = ["train", "--checkpoint-dir", str(tmp_path / "ckpt")]
     args = SimpleNamespace(module=True, training_script="trainer", no_python=False, training_script_args=train,
                            rest=["trainer", *train])
+    started = []  # the forkserver itself would import torch & co. in the background: recorded instead
+    monkeypatch.setattr(worker, "start_forkserver", lambda: started.append(True))
     run = RunFolder()
-    config, entry, entry_args = job_entrypoint(torchruns, run, warm=True)(args)
+    config, entry, (env, *entry_args) = job_entrypoint(torchruns, run, warm=True)(args)
     assert (config.start_method, entry, entry_args) == ("forkserver", worker.run, train)
+    assert started, "the forkserver runs before the rendezvous, not after it"
+    assert env == {FOLDER_ENV: str(run.path), FAILURE_FILE_ENV: str(run.path / "failure.json")}, \
+        "the run's folder reaches workers forked from a forkserver started before it was known"
     assert run.path == snapshot_folder(tmp_path / "ckpt", "run-now", str(tmp_path / "shm")) and run.path.is_dir()
     assert os.environ[FOLDER_ENV] == str(run.path) and not stale.exists(), "another run's folder is reclaimed"
     config, entry, _ = job_entrypoint(torchruns, RunFolder(), warm=False)(args)
@@ -104,6 +134,33 @@ def test_trainer_workers_start_warm_from_a_forkserver_in_their_runs_folder(tmp_p
     assert job_entrypoint(torchruns, RunFolder(), warm=True)(other)[1] == sys.executable, "only the trainer"
     run.close(failed=False)
     assert not run.path.exists() and not run.path.parent.exists(), "freed at the end"
+
+
+def test_the_forkserver_starts_early_only_for_the_trainer():
+    assert runs_the_trainer(["--standalone", "--nproc-per-node=2", "-m", "trainer", "train", "--lr", "1"])
+    assert runs_the_trainer(["--module", "trainer", "train"])
+    assert not runs_the_trainer(["--standalone", "-m", "mypkg.train", "trainer"])
+    assert not runs_the_trainer(["--standalone", "script.py", "-m", "x"])
+
+
+def test_a_held_agent_waits_for_its_go_and_ends_quietly_without_one(tmp_path):
+    """``local`` starts its agent before the preflight; a preflight that fails closes the hold pipe."""
+    hold, go = os.pipe()
+    agent = subprocess.Popen([sys.executable, "-m", "trainer.launcher.agent", "--standalone", "--nproc-per-node=1",
+                              "-m", "trainer", "train", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                             env={**_env(), HOLD_FD_ENV: str(hold)}, pass_fds=(hold,), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(hold)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            agent.wait(timeout=3)  # held: no rendezvous, no workers
+        assert not (tmp_path / "ckpt").exists()
+        os.close(go)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0 and not out and not err.strip(), err[-2000:]
+    assert not (tmp_path / "ckpt").exists(), "nothing ran"
 
 
 def test_give_up_reasons_name_the_cause():

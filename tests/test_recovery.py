@@ -111,6 +111,9 @@ def test_a_hung_worker_is_restarted_within_the_collective_timeout(ckpt_dir, tmp_
     finally:
         kill_job(job)
     print(f"\nSIGSTOP of one worker with --collective-timeout {timeout}: trained again after {recovery:.1f}s")
+    text = log.read_text()
+    assert "is stopped and cannot act on SIGTERM: killed at once" in text, text[-3000:]
+    assert "Unable to shutdown process" not in text, "the stopped worker waited out torch's 30 s SIGTERM grace"
     # The target (timeout + 35 s) is a figure to report, not to time here; what must hold is that the
     # setting bounds the hang: with the default 120 s (or torch's 10 min) this would take minutes.
     assert recovery < timeout + 90, f"{recovery:.1f}s: the hang was not bounded by --collective-timeout"

@@ -12,6 +12,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from trainer.errors import UserError
 
@@ -99,36 +100,37 @@ def add_local(commands: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
 
 
-def local(args: argparse.Namespace) -> int:
+def local(args: argparse.Namespace) -> NoReturn:
     from trainer.config import resolve_config
+    from trainer.launcher.agent import exit_now
     from trainer.launcher.launch import run_local
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1 (got {args.nproc})")
     if args.max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0 (got {args.max_restarts})")
-    return run_local(resolve_config(args), args.nproc, args.max_restarts)
+    exit_now(run_local(resolve_config(args), args.nproc, args.max_restarts))
 
 
 # ---- launch ---------------------------------------------------------------------------------------
 def add_launch(commands: argparse._SubParsersAction) -> None:
     parser = _add(commands, "launch", launch, "container entrypoint: torchrun configured by PET_* variables",
-                  "exec torchrun -m trainer train ARGS; torchrun reads PET_* settings.")
+                  "run torchrun's agent for -m trainer train ARGS in this process; it reads PET_* settings.")
     parser.add_argument("--nnodes", metavar="MIN:MAX",
                         help="elastic node range for torchrun; wins over PET_NNODES (which Kubeflow Trainer v2 "
                              "sets to the TrainJob's fixed numNodes)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="flags passed to 'fsdp-train train'")
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(args: argparse.Namespace) -> NoReturn:
     from trainer.config import resolve_config
-    from trainer.launcher.launch import exec_launch
+    from trainer.launcher.agent import exit_now
+    from trainer.launcher.launch import run_launch
 
     cfg = resolve_config(parse_args(["train", *args.train_args]))  # a bad flag fails here, once, in one line
     if args.nnodes is not None and not re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", args.nnodes):
         raise UserError(f"--nnodes must be N or MIN:MAX with positive integers (got {args.nnodes!r})")
-    exec_launch(cfg, args.train_args, args.nnodes)
-    return 1  # not reached
+    exit_now(run_launch(cfg, args.train_args, args.nnodes))
 
 
 # ---- ckpt list | show | verify | diff -------------------------------------------------------------

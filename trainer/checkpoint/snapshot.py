@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint.torch_compat import copy_all, local_shard
-
 FORMAT = 1
 SLOTS = 2
 ALIGN = 64
@@ -130,6 +128,8 @@ def unflatten(encoded: Any, tensors: list[torch.Tensor]) -> Any:
 
 def layout_of(tensors: list[torch.Tensor]) -> list[list[Any]]:
     """[dtype, local shape] of each tensor: what this rank holds of it."""
+    from trainer.checkpoint.torch_compat import local_shard  # DCP's import: not for the agent, which names folders
+
     return [[str(t.dtype).removeprefix("torch."), list(local_shard(t).shape)] for t in tensors]
 
 
@@ -194,6 +194,8 @@ class SnapshotSlots:
     def take(self, state: Any, *, step: int, world_size: int, run_id: str, config_digest: str) -> int:
         """Copy ``state`` into the slot that does not hold the newest complete snapshot; returns the
         bytes copied. The slot is marked incomplete first and complete last."""
+        from trainer.checkpoint.torch_compat import copy_all, local_shard
+
         encoded, tensors = flatten(state)
         tensors = [local_shard(tensor) for tensor in tensors]
         layout = layout_of(tensors)
@@ -215,6 +217,8 @@ class SnapshotSlots:
     def restore(self, slot: int, manifest: Manifest, live: Any) -> Any:
         """Copy the slot's bytes into ``live``'s tensors (they must have the snapshot's layout), and
         return ``live``'s structure with the snapshot's values: what ``load_state_dict`` takes."""
+        from trainer.checkpoint.torch_compat import copy_all, local_shard
+
         _, originals = flatten(live)
         if layout_of(originals) != manifest.layout:
             raise ValueError("the live state's layout differs from the snapshot's")

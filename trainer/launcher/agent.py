@@ -10,7 +10,7 @@ that what it knows reaches the log and the next workers in one line each:
 It also stops a group faster: a stopped worker (SIGSTOP, a debugger) can never act on torchrun's
 SIGTERM, so it is SIGKILLed at once instead of after the whole ``--shutdown-timeout``.
 
-And it restarts warm: ``-m trainer ARGS`` runs as the function ``worker.run(*ARGS)`` in processes
+And it restarts warm: ``-m trainer ARGS`` runs as the function ``worker.run(ENV, *ARGS)`` in processes
 forked from one forkserver that has imported torch, FSDP, DCP and the trainer already, instead of
 a fresh interpreter per worker and per restart (``WARM_START_ENV=0`` turns that off).
 """
@@ -25,15 +25,17 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from trainer.checkpoint.snapshot import FOLDER_ENV
 from trainer.distributed.failure_file import FAILURE_FILE_ENV, write_failure
-from trainer.distributed.runtime import run_id
 from trainer.errors import UserError
+
+# Only light imports up here: ``local`` imports this module before torch, and starts the agent
+# process before it imports torch itself. What needs torch is imported where it is used.
 
 AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 KEEP_ON_FAILURE_ENV = "FSDP_TRAIN_KEEP_SNAPSHOTS_ON_FAILURE"  # "1": a failed agent leaves its run's folder
+HOLD_FD_ENV = "FSDP_TRAIN_AGENT_HOLD_FD"  # a pipe: "1" on it starts the run, its close without a word ends it
 WARM_START_ENV = "FSDP_TRAIN_WARM_START"  # "0": every worker is a fresh interpreter, as plain torchrun starts it
 
 
@@ -98,11 +100,32 @@ def stopped_workers_killed_first(close: Callable[..., None]) -> Callable[..., No
     return close_group
 
 
+def stopped_peers_killed_first(join_all: Callable[..., None]) -> Callable[..., None]:
+    """Wrap ``ProcessContext._join_procs_with_timeout``: when one forked worker failed, torch's
+    multiprocessing waits for the others, SIGTERMs them, and waits 30 s more before SIGKILL. A
+    stopped worker can act on neither, so it is killed before each wait instead."""
+
+    @wraps(join_all)
+    def join_killing_stopped(self: Any, timeout: float) -> None:
+        kill_stopped_workers({index: pid for index, pid in enumerate(self.pids())
+                              if self.processes[index].exitcode is None})
+        join_all(self, timeout)
+
+    join_killing_stopped.kills_stopped_workers = True  # type: ignore[attr-defined]
+    return join_killing_stopped
+
+
 def install_fast_stop() -> None:
+    """Stopped workers are killed at once when torchrun stops a group (``PContext.close``) and when
+    torch's multiprocessing ends a group of forked workers after a failure (``ProcessContext``)."""
     from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.multiprocessing.spawn import ProcessContext
 
     if not getattr(PContext.close, "kills_stopped_workers", False):
         PContext.close = stopped_workers_killed_first(PContext.close)  # type: ignore[method-assign]
+    join_all = ProcessContext._join_procs_with_timeout  # torch's, private: see above
+    if not getattr(join_all, "kills_stopped_workers", False):
+        ProcessContext._join_procs_with_timeout = stopped_peers_killed_first(join_all)  # type: ignore[method-assign]
 
 
 class RunFolder:
@@ -118,7 +141,7 @@ class RunFolder:
         """Find the job's checkpoint directory in the workers' arguments, reclaim other runs' folders,
         and tell the workers where this run's is (``FOLDER_ENV``). A config the workers will refuse
         anyway leaves the run without one."""
-        from trainer.checkpoint.snapshot import reclaim, snapshot_folder
+        from trainer.checkpoint.snapshot import FOLDER_ENV, reclaim, snapshot_folder
         from trainer.config import parse_train_args
 
         try:
@@ -137,6 +160,12 @@ class RunFolder:
         os.environ[FOLDER_ENV] = str(folder)
         os.environ[FAILURE_FILE_ENV] = str(self.failure_file)
 
+    def environment(self) -> dict[str, str]:
+        """What the workers learn of this run from their environment (set by ``open``)."""
+        from trainer.checkpoint.snapshot import FOLDER_ENV
+
+        return {name: os.environ[name] for name in (FOLDER_ENV, FAILURE_FILE_ENV) if name in os.environ}
+
     def close(self, *, failed: bool) -> None:
         """Free the folder when the job ends, is stopped or gives up; ``KEEP_ON_FAILURE_ENV`` keeps it
         after a failure (in a pod, for the container restarted in place)."""
@@ -153,22 +182,27 @@ def job_entrypoint(config_from_args: Callable[..., Any], run: RunFolder, *, warm
     forkserver that has preloaded their imports."""
 
     @wraps(config_from_args)
-    def wrapped(args: Any) -> tuple[Any, Any, list[str]]:
+    def wrapped(args: Any) -> tuple[Any, Any, list[Any]]:
+        from trainer.distributed.runtime import run_id
+
         config, command, command_args = config_from_args(args)
         if not (args.module and args.training_script == "trainer" and not args.no_python):
             return config, command, command_args
         run.open(list(args.training_script_args), run_id(fallback=config.run_id))
         if not warm:
             return config, command, command_args
-        import multiprocessing
-
         from trainer.launcher import worker
 
         config.start_method = "forkserver"
-        multiprocessing.get_context("forkserver").set_forkserver_preload(worker.PRELOAD)
-        return config, worker.run, list(args.training_script_args)
+        worker.start_forkserver()  # running already, unless main() could not tell it would be needed
+        return config, worker.run, [run.environment(), *args.training_script_args]
 
     return wrapped
+
+
+def runs_the_trainer(argv: list[str]) -> bool:
+    """Whether torchrun's arguments ``argv`` run ``-m trainer``."""
+    return any(flag in ("-m", "--module") and name == "trainer" for flag, name in zip(argv, argv[1:]))
 
 
 def give_up_reason(exc: BaseException) -> str | None:
@@ -198,14 +232,21 @@ def give_up_reason(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold = os.environ.pop(HOLD_FD_ENV, None)  # not for the forkserver's environment
+    warm = os.environ.get(WARM_START_ENV, "1") != "0"
+    if warm and runs_the_trainer(sys.argv[1:] if argv is None else argv):
+        from trainer.launcher import worker
+
+        worker.start_forkserver()  # before torch's own import here: the two overlap
     from torch.distributed import run as torchrun
 
+    if hold is not None and not released(int(hold)):
+        return 0  # the preflight of the `local` that started us failed: it says why
     run = RunFolder()
     os.environ[FAILURE_FILE_ENV] = str(run.failure_file)  # until the run's folder is known
     logging.getLogger(AGENT_LOGGER).addHandler(FailureRecorder(run))
     install_fast_stop()
-    torchrun.config_from_args = job_entrypoint(torchrun.config_from_args, run,
-                                               warm=os.environ.get(WARM_START_ENV, "1") != "0")
+    torchrun.config_from_args = job_entrypoint(torchrun.config_from_args, run, warm=warm)
     failed = True
     try:
         torchrun.main(argv)
@@ -228,5 +269,24 @@ def _signal_exception() -> type:
     return SignalException
 
 
+def released(hold: int) -> bool:
+    """Wait for the go on the pipe ``hold`` (``HOLD_FD_ENV``); False when it closed without one."""
+    try:
+        with os.fdopen(hold, "rb") as pipe:
+            return pipe.read(1) == b"1"
+    except KeyboardInterrupt:  # Ctrl-C during the preflight: the whole group got it
+        return False
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a launcher process whose work is done (``local``'s, the agent's), its output flushed,
+    without the interpreter's teardown of torch's modules: most of a second each, paid after
+    every job's last step, and once more for each process in the chain."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -4,7 +4,7 @@
 traceback per worker; it restarts a failed worker group in place (``--max-restarts``),
 turns Ctrl-C or SIGTERM into a clean stop (the workers write an emergency
 checkpoint, or exit at once while still starting) and then exits 0.
-``launch`` replaces itself with torchrun, which reads its rendezvous settings
+``launch`` runs torchrun's agent in its own process, which reads its rendezvous settings
 from ``PET_*`` environment variables (set by the Helm chart or the operator).
 Both give torchrun a stop timeout that covers the emergency checkpoint.
 """
@@ -17,20 +17,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
-from trainer.checkpoint.lock import JobLock
-from trainer.checkpoint.marker import SaveReason, require_same_shape
 from trainer.config import TrainConfig, config_to_args
-from trainer.data.loader import TrainingData, check_same_data
-from trainer.launcher.agent import KEEP_ON_FAILURE_ENV
-from trainer.metrics.records import read_metrics
-from trainer.models.build import build_model
-from trainer.models.init_weights import check_matches, read_model_state
-from trainer.models.sharding import shard_units
+from trainer.launcher.agent import HOLD_FD_ENV, KEEP_ON_FAILURE_ENV
+
+# Nothing up here imports torch: ``local`` starts its agent before it imports torch itself.
 
 # What in-place restarts need from torchrun, set by ``local`` and ``launch`` unless the user set it.
 # With the rendezvous store shared as the workers' store, a restarted group fails about half the
@@ -63,6 +54,17 @@ def torchrun_prefix(*extra: str) -> list[str]:
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """The checks a worker would fail on, done once up front with a one-line message."""
+    from pathlib import Path
+
+    import torch
+
+    from trainer.checkpoint.layout import committed_checkpoints, ensure_writable
+    from trainer.checkpoint.lock import JobLock
+    from trainer.checkpoint.marker import require_same_shape
+    from trainer.data.loader import TrainingData, check_same_data
+    from trainer.models.build import build_model
+    from trainer.models.sharding import shard_units
+
     cfg.check_world_size(world_size)
     data = TrainingData(cfg)
     ensure_writable(cfg.checkpoint_dir)
@@ -76,13 +78,29 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         model = build_model(cfg)
     shard_units(model, cfg.shard_modules, cfg.model)
     if cfg.init_from:
+        from trainer.models.init_weights import check_matches, read_model_state
+
         check_matches(model, read_model_state(cfg.init_from), cfg.init_from)
+
+
+def start_held_agent(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """Start torchrun's agent, held before its rendezvous until ``release_agent``: its imports and
+    its forkserver's (torch, FSDP, DCP: seconds) overlap the preflight instead of following it.
+    Closing the returned pipe end without a word ends the agent quietly (the preflight failed)."""
+    hold, go = os.pipe()
+    child = subprocess.Popen(command, env={**env, HOLD_FD_ENV: str(hold)}, pass_fds=(hold,))
+    os.close(hold)
+    return child, go
+
+
+def release_agent(go: int) -> None:
+    os.write(go, b"1")
+    os.close(go)
 
 
 def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
     """torchrun ``--standalone`` with ``nproc`` workers, restarting the group in place (from the
     newest checkpoint) up to ``max_restarts`` times when a worker fails."""
-    preflight(cfg, nproc)
     command = torchrun_prefix("--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                               f"--shutdown-timeout={stop_timeout(cfg)}", "-m", "trainer", "train",
                               *config_to_args(cfg))
@@ -91,7 +109,14 @@ def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
     # Same process group as us: Ctrl-C at a terminal reaches torchrun and the workers directly, and
     # killing the group kills everything. A SIGINT or SIGTERM sent to this process alone (a supervisor,
     # `timeout -s INT`, an IDE's stop button) is forwarded to torchrun as SIGTERM: the same clean stop.
-    child = subprocess.Popen(command, env=env)
+    child, go = start_held_agent(command, env)
+    try:
+        preflight(cfg, nproc)
+    except BaseException:
+        os.close(go)
+        child.wait()
+        raise
+    release_agent(go)
     stopping = False
 
     def forward(_signum: int, _frame: object) -> None:
@@ -103,17 +128,28 @@ def run_local(cfg: TrainConfig, nproc: int, max_restarts: int = 3) -> int:
         signal.signal(sig, forward)
     code = child.wait()
     if stopping and code != 0:
-        committed = committed_checkpoints(cfg.checkpoint_dir)
-        newest = committed[-1].marker if committed else None
-        if newest and newest.reason == SaveReason.PREEMPTED and newest.created >= started:
-            print(f"fsdp-train: stopped; emergency checkpoint step {newest.step} committed", file=sys.stderr)
-            return 0
-        if not any(record.get("event") == "step" and record.get("time", 0) >= started
-                   for record in read_metrics(cfg.checkpoint_dir)):
-            newest_step = f"step {newest.step}" if newest else "none yet"
-            print(f"fsdp-train: stopped during start-up, before any step: nothing new to save "
-                  f"(newest checkpoint: {newest_step})", file=sys.stderr)
-            return 0
+        return stopped(cfg, started, code)
+    return code
+
+
+def stopped(cfg: TrainConfig, started: float, code: int) -> int:
+    """The exit code of a ``local`` the user stopped: 0 when it stopped cleanly (its emergency
+    checkpoint committed, or stopped before any step: nothing new to save), else the agent's."""
+    from trainer.checkpoint.layout import committed_checkpoints
+    from trainer.checkpoint.marker import SaveReason
+    from trainer.metrics.records import read_metrics
+
+    committed = committed_checkpoints(cfg.checkpoint_dir)
+    newest = committed[-1].marker if committed else None
+    if newest and newest.reason == SaveReason.PREEMPTED and newest.created >= started:
+        print(f"fsdp-train: stopped; emergency checkpoint step {newest.step} committed", file=sys.stderr)
+        return 0
+    if not any(record.get("event") == "step" and record.get("time", 0) >= started
+               for record in read_metrics(cfg.checkpoint_dir)):
+        newest_step = f"step {newest.step}" if newest else "none yet"
+        print(f"fsdp-train: stopped during start-up, before any step: nothing new to save "
+              f"(newest checkpoint: {newest_step})", file=sys.stderr)
+        return 0
     return code
 
 
@@ -130,9 +166,13 @@ def launch_command(cfg: TrainConfig, train_args: list[str], environ: dict[str, s
     return torchrun_prefix(*options, "-m", "trainer", "train", *train_args)
 
 
-def exec_launch(cfg: TrainConfig, train_args: list[str], nnodes: str | None = None) -> None:
-    """Become torchrun (PID 1 in the container receives SIGTERM directly). A failed agent leaves its
-    memory snapshots behind, for the container restarted in place (they live in the pod's memory
-    volume, freed with the pod)."""
+def run_launch(cfg: TrainConfig, train_args: list[str], nnodes: str | None = None) -> int:
+    """Run torchrun's agent in this process (PID 1 in the container: it receives SIGTERM directly),
+    so a restarted container imports torch once, not once here and again in a new interpreter. A
+    failed agent leaves its memory snapshots behind, for the container restarted in place (they live
+    in the pod's memory volume, freed with the pod)."""
+    from trainer.launcher import agent
+
     command = launch_command(cfg, train_args, dict(os.environ), nnodes)
-    os.execve(command[0], command, restart_safe({**os.environ, KEEP_ON_FAILURE_ENV: "1"}))
+    os.environ.update(restart_safe({**os.environ, KEEP_ON_FAILURE_ENV: "1"}))
+    return agent.main(command[len(torchrun_prefix()):])

@@ -63,16 +63,29 @@ def fork_writer() -> None:
     os.environ[FORKED_WRITER_ENV] = f"{trainer_end.detach()}:{pid}"
 
 
-def run(*argv: str) -> None:
-    """``fsdp-train ARGV`` (``train ...``) in this forked process; exits with its code, as a worker
-    process that torchrun executed would. A worker that fails exits at once: a helper thread still
-    waiting on a peer that is gone (a save) would otherwise hold the exit, and the restart, until
-    torchrun's SIGKILL 30 s later."""
+def start_forkserver() -> None:
+    """Start the forkserver the workers are forked from; it imports ``PRELOAD`` in the background
+    (the first fork waits for it). The agent calls this first thing, so those seconds overlap its own
+    imports and the rendezvous instead of following them. The forkserver keeps the environment it
+    started with: what the agent sets later reaches a worker through ``run``'s ``env``."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
+def run(env: dict[str, str], *argv: str) -> None:
+    """``fsdp-train ARGV`` (``train ...``) in this forked process, with ``env`` added to its
+    environment; exits with its code, as a worker process that torchrun executed would. A worker
+    that fails exits at once: a helper thread still waiting on a peer that is gone (a save) would
+    otherwise hold the exit, and the restart, until torchrun's SIGKILL 30 s later."""
     from trainer.config import parse_train_args
     from trainer.distributed.preemption import stop_signal_received
     from trainer.errors import UserError
     from trainer.train import main
 
+    os.environ.update(env)
     fork_writer()
     name_this_process(os.environ.get("RANK", "?"))
     try:
