@@ -2,9 +2,10 @@
 
 Run ``python -m bench.checkpoint [--state-gb 1.5] [--json FILE]``. It starts two torchrun
 phases on this machine: 2 ranks save the same FSDP2 model + AdamW state with every method
-(a first save, then warm saves in rounds with the fsync'd disk-write bound) and measure the
-memory-copy bound; then 3 ranks alternate the disk-read bound and the resharding load (2 -> 3)
-of the checkpoint this project wrote. Page caches are dropped before each read when allowed.
+(a first save, then warm saves in rounds with the fsync'd disk-write bound), take the memory
+tier's snapshot and a training step in the same rounds, and measure the memory-copy bound;
+then 3 ranks alternate the disk-read bound and the resharding load (2 -> 3) of the checkpoint
+this project wrote. Page caches are dropped before each read when allowed.
 Every figure comes from the same run, so ratios between them are meaningful.
 """
 
@@ -101,6 +102,7 @@ def phase_save(args: argparse.Namespace) -> None:
     from trainer.checkpoint.app_state import STATE_KEY
     from trainer.checkpoint.layout import step_dir
     from trainer.checkpoint.marker import SaveReason
+    from trainer.checkpoint.snapshot import SnapshotSlots
     from trainer.train import Trainer
 
     work = Path(args.work)
@@ -190,11 +192,23 @@ def phase_save(args: argparse.Namespace) -> None:
         dist.barrier()
         return blocking, durable
 
+    # The memory tier: one rank's snapshot into its shared-memory slots (what every step pays with
+    # --snapshot-every 1), and one training step, to put that stall in proportion.
+    slots = SnapshotSlots(Path(args.snapshots), rank)
+
+    def snapshot() -> float:
+        return _max_over_ranks(_timed(lambda: slots.take(trainer.app_state.state_dict(), step=trainer.progress.step,
+                                                         world_size=trainer.rt.world_size, run_id="bench",
+                                                         config_digest="bench")))
+
     first = {name: sample(name, method, "first") for name, method in methods}
+    snapshot_first = snapshot()
     warm: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in methods}
-    write_seconds = []
+    write_seconds, snapshot_seconds, step_seconds = [], [], []
     for round_index in range(args.repeats):
         write_seconds.append(_max_over_ranks(write_bound()))
+        snapshot_seconds.append(snapshot())
+        step_seconds.append(_max_over_ranks(_timed(trainer.train_step)))
         for name, method in methods:
             if name != "torch_save" or round_index == 0:  # seconds per sample; one warm sample is enough
                 warm[name].append(sample(name, method, f"warm{round_index}"))
@@ -205,6 +219,9 @@ def phase_save(args: argparse.Namespace) -> None:
             "durable_s": min(durable for _, durable in warm[name]),
         }
     results["bounds"] = {"memcpy_s": _max_over_ranks(copy_seconds), "disk_write_s": min(write_seconds)}
+    results["memory_snapshot"] = {"first_s": snapshot_first, "warm_s": min(snapshot_seconds),
+                                  "step_s": min(step_seconds)}
+    slots.drop()
     results["fsdp_train_checkpoint"] = str(step_dir(work / "fsdp_train", 1002 + args.repeats - 1))
     results["repeats"] = args.repeats
     if rank == 0:
@@ -299,8 +316,10 @@ def report(results: dict) -> str:
         lines.append(f"{name:16} {row['blocking_first_s']:>14.3f}s {row['blocking_warm_s']:>13.3f}s "
                      f"{row['durable_s']:>8.3f}s")
     ours, async_dcp = results["fsdp_train"], results["dcp_async_save"]
-    load = results["load"]
+    load, snapshot = results["load"], results["memory_snapshot"]
     lines += [
+        f"memory snapshot (shared memory, every rank): first {snapshot['first_s']:.3f}s, warm "
+        f"{snapshot['warm_s']:.3f}s; one training step {snapshot['step_s']:.3f}s",
         f"bounds: memcpy {bounds['memcpy_s']:.3f}s, fsync'd write {bounds['disk_write_s']:.3f}s, "
         f"read {bounds['disk_read_s']:.3f}s (page cache dropped: {load['page_cache_dropped']})",
         f"resharding load 2 -> 3 ranks: {load['reshard_2_to_3_s']:.3f}s (dcp.load with checksum verification)",
@@ -310,6 +329,9 @@ def report(results: dict) -> str:
         f"  dcp.async_save warm / ours warm = {async_dcp['blocking_warm_s'] / ours['blocking_warm_s']:.1f}  (>= 4)",
         f"  durable / fsync'd write bound   = {ours['durable_s'] / bounds['disk_write_s']:.2f}  (<= 1.25)",
         f"  reshard load / read bound       = {load['reshard_2_to_3_s'] / bounds['disk_read_s']:.2f}  (<= 1.5)",
+        f"  snapshot warm / memcpy bound    = {snapshot['warm_s'] / bounds['memcpy_s']:.2f}  (<= 1.25)",
+        f"  snapshot warm / training step   = {snapshot['warm_s'] / snapshot['step_s']:.2f}  (a snapshot every "
+        "step at this size; bench.overhead measures it at `make train` size, target <= 0.02)",
     ]
     return "\n".join(lines)
 
@@ -327,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--snapshots", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase == "save":
         phase_save(args)
@@ -341,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         saved, loaded = work / "save.json", work / "load.json"
         common = ["--work", str(work), "--state-gb", str(args.state_gb), "--repeats", str(args.repeats),
                   "--order", args.order]
-        _torchrun(2, "--phase", "save", "--out", str(saved), *common)
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # where the memory tier keeps its snapshots
+        with tempfile.TemporaryDirectory(prefix="fsdp-train-bench-", dir=shm) as snapshots:
+            _torchrun(2, "--phase", "save", "--out", str(saved), "--snapshots", snapshots, *common)
         results = json.loads(saved.read_text())
         _torchrun(3, "--phase", "load", "--out", str(loaded), *common,
                   "--checkpoint", results.pop("fsdp_train_checkpoint"))

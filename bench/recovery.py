@@ -1,7 +1,8 @@
 """Where the seconds of a recovery go, per failure kind, at `make train` size on this machine.
 
 ``python -m bench.recovery [--repeats 5] [--json FILE]`` runs ``fsdp-train local`` (2 workers,
-configs/local.yaml) and injects each event ``--repeats`` times:
+configs/local.yaml), one job per mode serving every scenario in turn, and injects each event
+``--repeats`` times:
 
 1. ``kill-one``: SIGKILL of one worker (torchrun restarts the group in place);
 2. ``kill-all``: SIGKILL of every worker (the agent lives);
@@ -74,52 +75,51 @@ def in_place(job: LocalJob, scenario: str, args: argparse.Namespace) -> dict[str
     return breakdown(event, start, first_reaction(job.log.read_text(errors="replace"), event))
 
 
-def fresh_start(work: Path, args: argparse.Namespace, mode: str, index: int) -> dict[str, float]:
-    """SIGTERM to a running job, then the same job started again."""
-    job = LocalJob(work, work / f"term-{index}.log", *job_flags(args, mode), env=MODES[mode][1])
-    try:
-        reached = last_step(work)
-        wait_for(lambda: last_step(work) >= reached + STEPS_BETWEEN, 300, "training to go on")
-        starts = len(records(work, "start"))
+def fresh_starts(job: LocalJob, args: argparse.Namespace, mode: str, jobs: list[LocalJob]) -> list[dict[str, Any]]:
+    """SIGTERM to the running ``job``, then the same job started again, ``--repeats`` times (each new
+    start is the next one stopped); ``jobs`` gets each job started, for the caller to stop."""
+    samples = []
+    for index in range(args.repeats):
+        reached = last_step(job.dir)
+        wait_for(lambda j=job, r=reached: last_step(j.dir) >= r + STEPS_BETWEEN, 300, "training to go on")
+        starts = len(records(job.dir, "start"))
         event = time.time()
         code = job.stop()
         if code != 0:
             raise RuntimeError(f"SIGTERM: the job exited {code}; see {job.log}")
-    finally:
-        job.kill()
-    relaunched = time.time()
-    again = LocalJob(work, work / f"term-{index}-again.log", *job_flags(args, mode), env=MODES[mode][1])
-    try:
-        start = wait_for_new_start(again, starts, timeout=300)
-    finally:
-        again.stop()
-    figures = breakdown(event, start, event)
-    figures["stop_s"] = relaunched - event  # the emergency checkpoint and the exit
-    figures["restart_s"] = start["time"] - relaunched  # a new `local`: its preflight, torchrun, the workers
-    return figures
+        relaunched = time.time()
+        job = LocalJob(job.dir, job.log.with_name(f"{job.log.stem}-term-{index}.log"), *job_flags(args, mode),
+                       env=MODES[mode][1])
+        jobs.append(job)
+        start = wait_for_new_start(job, starts, timeout=300)
+        figures = breakdown(event, start, event)
+        figures["stop_s"] = relaunched - event  # the emergency checkpoint and the exit
+        figures["restart_s"] = start["time"] - relaunched  # a new `local`: its preflight, torchrun, the workers
+        samples.append(figures)
+    return samples
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Per mode, one job serves every scenario in turn: the in-place events, then the SIGTERMs."""
     results: dict[str, Any] = {}
+    in_place_scenarios = [scenario for scenario in SCENARIOS if scenario in args.scenarios and scenario != "term-job"]
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
-        for scenario in args.scenarios:
-            for mode in args.modes:
-                work = Path(tmp) / f"{scenario}-{mode}"
-                samples = []
-                if scenario == "term-job":
-                    work.mkdir()
-                    samples = [fresh_start(work, args, mode, index) for index in range(args.repeats)]
-                else:
-                    job = LocalJob(work, Path(tmp) / f"{scenario}-{mode}.log", *job_flags(args, mode),
-                                   env=MODES[mode][1])
-                    try:
-                        wait_for(lambda w=work: last_step(w) >= 5, 300, "training to start")
-                        samples = [in_place(job, scenario, args) for _ in range(args.repeats)]
-                    finally:
-                        job.stop()
-                results.setdefault(scenario, {})[mode] = summarise(samples)
-                print_row(f"{scenario} {mode}", results[scenario][mode])
-    return results
+        for mode in args.modes:
+            work = Path(tmp) / mode
+            jobs = [LocalJob(work, Path(tmp) / f"{mode}.log", *job_flags(args, mode), env=MODES[mode][1])]
+            try:
+                wait_for(lambda w=work: last_step(w) >= 5, 300, "training to start")
+                for scenario in in_place_scenarios:
+                    samples = [in_place(jobs[0], scenario, args) for _ in range(args.repeats)]
+                    results.setdefault(scenario, {})[mode] = summarise(samples)
+                    print_row(f"{scenario} {mode}", results[scenario][mode])
+                if "term-job" in args.scenarios:
+                    results.setdefault("term-job", {})[mode] = summarise(fresh_starts(jobs[0], args, mode, jobs))
+                    print_row(f"term-job {mode}", results["term-job"][mode])
+            finally:
+                for job in jobs:
+                    job.stop()
+    return {scenario: results[scenario] for scenario in SCENARIOS if scenario in results}
 
 
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.torchrun
 
 METHODS = ("torch_save", "dcp_save", "dcp_async_save", "fsdp_train")
 TARGETS = ("blocking first / memcpy bound", "blocking warm / memcpy bound", "dcp.async_save warm / ours warm",
-           "durable / fsync'd write bound", "reshard load / read bound")
+           "durable / fsync'd write bound", "reshard load / read bound", "snapshot warm / memcpy bound",
+           "snapshot warm / training step")
 
 
 def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) -> None:
@@ -30,6 +31,7 @@ def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) 
         assert row["blocking_warm_s"] <= row["durable_s"], (method, row)
     assert all(results["bounds"][key] > 0 for key in ("memcpy_s", "disk_write_s", "disk_read_s"))
     assert results["load"]["reshard_2_to_3_s"] > 0
+    assert all(seconds > 0 for seconds in results["memory_snapshot"].values())
     for target in TARGETS:
         assert target in proc.stdout, target
     # No method's outputs pile up: this project's older checkpoints went by retention, the
@@ -44,9 +46,12 @@ def test_overhead_bench_reports_the_slowdown(tmp_path: Path) -> None:
     proc = run_python("-m", "bench.overhead", "--pairs", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["pairs"] == 1 and set(result["block_seconds"]) == {"none", "every_10"}
+    assert result["pairs"] == 1 and set(result["block_seconds"]) == {"none", "every_10", "snapshots"}
     assert all(rate > 0 for rate in result["steps_per_s"].values())
-    assert "slowdown" in proc.stdout and "target <= 2%" in proc.stdout
+    rates = result["steps_per_s"]
+    for kind in ("every_10", "snapshots"):
+        assert result["slowdown"][kind] == pytest.approx(1 - rates[kind] / rates["none"])
+    assert "slowdown" in proc.stdout and "memory snapshot after every step" in proc.stdout
 
 
 TINY_JOB = ["--", "--model", "transformer", "--vocab-size", "50", "--d-model", "24", "--n-layers", "2",
@@ -76,7 +81,7 @@ def test_recovery_bench_breaks_each_recovery_down(tmp_path: Path) -> None:
 
 def test_goodput_bench_reports_the_interval_table(tmp_path: Path) -> None:
     out = tmp_path / "goodput.json"
-    proc = run_python("-m", "bench.goodput", "--minutes", "0.3", "--kill-every", "6", "--intervals", "5",
+    proc = run_python("-m", "bench.goodput", "--minutes", "0.2", "--kill-every", "6", "--intervals", "5",
                       "--checkpoint-every", "auto", "--modes", "warm", "--json", str(out), *TINY_JOB,
                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
