@@ -59,3 +59,21 @@ def test_bad_config_file(tmp_path):
 @pytest.mark.parametrize("nnodes", ["0:4", "4:", "two", "1:4:8"])
 def test_launch_elastic_range_is_checked_before_torchrun(nnodes):
     assert_one_line_error(run_cli("launch", "--nnodes", nnodes), "--nnodes", "MIN:MAX", repr(nnodes))
+
+
+def test_a_mistake_only_a_worker_finds_ends_the_job_at_once_with_its_line(ckpt_dir):
+    from trainer.checkpoint.layout import committed_checkpoints
+
+    flags = ["--model", "transformer", "--d-model", "16", "--n-heads", "2", "--global-batch-size", "4",
+             "--checkpoint-every", "3", "--checkpoint-dir", str(ckpt_dir)]
+    run_cli("local", "--nproc", "2", *flags, "--max-steps", "4", check=True)
+    pinned = next(info for info in committed_checkpoints(ckpt_dir) if info.step == 3)
+    next(pinned.path.glob("*.distcp")).unlink()  # the preflight does not read a pinned step's files: a worker does
+    proc = run_cli("local", "--nproc", "2", *flags, "--max-steps", "6", "--resume-from", "3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    mistakes = [line for line in proc.stderr.splitlines() if line.startswith("fsdp-train: error:")]
+    assert mistakes and len(set(mistakes)) == 1 and len(mistakes) <= 2, "one line, from one attempt (per rank)"
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("fsdp-train: ")]
+    assert not any("restarts" in line for line in ours), "not retried, and not said to be"
+    assert ours[-1] == ("fsdp-train: not restarted: a worker stopped on the error above, and a restart would stop "
+                        "the same way"), ours

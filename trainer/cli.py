@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from trainer.errors import UserError
+from trainer.errors import EXIT_USER_ERROR, UserError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -341,4 +341,4 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UserError as exc:
         print(f"fsdp-train: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

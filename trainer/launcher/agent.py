@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from trainer.distributed.failure_file import FAILURE_FILE_ENV, write_failure
-from trainer.errors import UserError
+from trainer.errors import EXIT_USER_ERROR, UserError
 
 # Only light imports up here: ``local`` imports this module before torch, and starts the agent
 # process before it imports torch itself. What needs torch is imported where it is used.
@@ -54,6 +54,7 @@ class FailureRecorder(logging.Handler):
     def __init__(self, run: RunFolder) -> None:
         super().__init__(logging.ERROR)
         self.run = run
+        self.restarts_left: int | None = None  # set by the agent before it looks at its workers
 
     def emit(self, record: logging.LogRecord) -> None:
         if not str(record.msg).startswith("failed (exitcode") or not isinstance(record.args, tuple):
@@ -63,8 +64,11 @@ class FailureRecorder(logging.Handler):
         if exit_code < 0:
             failure["signal"] = describe_exit(exit_code).removeprefix("signal ")
         write_failure(self.run.failure_file, failure)
+        if exit_code == EXIT_USER_ERROR or self.restarts_left == 0:
+            return  # the job ends here: the agent's give-up line says why
+        left = "" if self.restarts_left is None else f" ({self.restarts_left} restarts left)"
         print(f"fsdp-train: worker local_rank {local_rank} failed ({describe_exit(exit_code)}); the group "
-              "restarts from the newest checkpoint while restarts are left", file=sys.stderr, flush=True)
+              f"restarts from the newest checkpoint{left}", file=sys.stderr, flush=True)
 
 
 def is_stopped(pid: int) -> bool:
@@ -113,6 +117,32 @@ def stopped_peers_killed_first(join_all: Callable[..., None]) -> Callable[..., N
 
     join_killing_stopped.kills_stopped_workers = True  # type: ignore[attr-defined]
     return join_killing_stopped
+
+
+def mistakes_end_the_run(monitor: Callable[..., Any], recorder: FailureRecorder) -> Callable[..., Any]:
+    """Wrap ``LocalElasticAgent._monitor_workers``: a worker that stopped on a user error
+    (``EXIT_USER_ERROR``: its one line is in the log) is not restarted, since a restart would stop
+    the same way; and the recorder knows how many restarts are left when it reports a failure."""
+
+    @wraps(monitor)
+    def monitored(self: Any, worker_group: Any) -> Any:
+        recorder.restarts_left = self._remaining_restarts
+        result = monitor(self, worker_group)
+        if result.is_failed() and any(failure.exitcode == EXIT_USER_ERROR for failure in result.failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    monitored.ends_on_mistakes = True  # type: ignore[attr-defined]
+    return monitored
+
+
+def install_restart_policy(recorder: FailureRecorder) -> None:
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+    LocalElasticAgent._monitor_workers = mistakes_end_the_run(  # type: ignore[method-assign]
+        getattr(monitor, "__wrapped__", monitor) if getattr(monitor, "ends_on_mistakes", False) else monitor,
+        recorder)
 
 
 def install_fast_stop() -> None:
@@ -205,6 +235,12 @@ def runs_the_trainer(argv: list[str]) -> bool:
     return any(flag in ("-m", "--module") and name == "trainer" for flag, name in zip(argv, argv[1:]))
 
 
+def stopped_on_mistake(exc: BaseException) -> bool:
+    """Whether the agent gave up because a worker stopped on a user error (``EXIT_USER_ERROR``)."""
+    failures = getattr(exc, "failures", None) or {}
+    return any(getattr(failure, "exitcode", None) == EXIT_USER_ERROR for failure in failures.values())
+
+
 def give_up_reason(exc: BaseException) -> str | None:
     """One line for why the agent stopped, for the errors a user can act on."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -224,6 +260,8 @@ def give_up_reason(exc: BaseException) -> str | None:
         return "the rendezvous was closed: the job is finishing or another node gave up"
     if isinstance(exc, ChildFailedError):
         rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+        if stopped_on_mistake(exc):
+            return "not restarted: a worker stopped on the error above, and a restart would stop the same way"
         return (f"worker group failed and no restarts are left: rank {rank} ended with "
                 f"{describe_exit(failure.exitcode)} (see its log above)")
     if isinstance(exc, SignalException):
@@ -244,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # the preflight of the `local` that started us failed: it says why
     run = RunFolder()
     os.environ[FAILURE_FILE_ENV] = str(run.failure_file)  # until the run's folder is known
-    logging.getLogger(AGENT_LOGGER).addHandler(FailureRecorder(run))
+    recorder = FailureRecorder(run)
+    logging.getLogger(AGENT_LOGGER).addHandler(recorder)
     install_fast_stop()
+    install_restart_policy(recorder)
     torchrun.config_from_args = job_entrypoint(torchrun.config_from_args, run, warm=warm)
     failed = True
     try:
@@ -257,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fsdp-train: {reason}", file=sys.stderr, flush=True)
         failed = not isinstance(exc, _signal_exception())  # a stop is not a failure
-        return 1
+        return EXIT_USER_ERROR if stopped_on_mistake(exc) else 1
     finally:
         run.close(failed=failed)
     return 0

@@ -82,7 +82,7 @@ def run(env: dict[str, str], *argv: str) -> None:
     otherwise hold the exit, and the restart, until torchrun's SIGKILL 30 s later."""
     from trainer.config import parse_train_args
     from trainer.distributed.preemption import stop_signal_received
-    from trainer.errors import UserError
+    from trainer.errors import EXIT_USER_ERROR, UserError
     from trainer.train import main
 
     os.environ.update(env)
@@ -92,7 +92,7 @@ def run(env: dict[str, str], *argv: str) -> None:
         code = main(parse_train_args(list(argv[1:])))  # argv: "train", then its flags
     except UserError as exc:
         print(f"fsdp-train: error: {exc}", file=sys.stderr)
-        code = 2
+        code = EXIT_USER_ERROR
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
