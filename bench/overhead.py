@@ -43,13 +43,14 @@ def worker(args: argparse.Namespace) -> None:
     """One torchrun rank: warm up, then time alternating blocks with and without a checkpoint."""
     import torch.distributed as dist
 
+    from trainer.checkpoint.interval import FixedInterval
     from trainer.checkpoint.marker import SaveReason
     from trainer.checkpoint.memory_tier import MemoryTier
     from trainer.train import Trainer
 
     trainer = Trainer(_config(Path(args.work), args.writer))
     trainer.setup()
-    memory = MemoryTier(Path(args.snapshots), trainer.rt, "bench", "bench", every=1)
+    memory = MemoryTier(Path(args.snapshots), trainer.rt, "bench", "bench", FixedInterval(1))
     for _ in range(WARMUP_STEPS):
         trainer.train_step()
     trainer.checkpoints.save(trainer.progress.step, None, SaveReason.PERIODIC, blocking=False)  # first-save costs

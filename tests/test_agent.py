@@ -72,11 +72,14 @@ def test_the_agent_stops_a_worker_group_through_the_fast_stop():
     from torch.distributed.elastic.multiprocessing.api import PContext
     from torch.multiprocessing.spawn import ProcessContext
 
+    from trainer.launcher.torch_compat import MARK
+
     install_fast_stop()
     install_fast_stop()  # idempotent: one wrapper, not two
-    for wrapped in (PContext.close, ProcessContext._join_procs_with_timeout):
-        assert wrapped.kills_stopped_workers
-        assert not getattr(wrapped.__wrapped__, "kills_stopped_workers", False)
+    assert PContext.close.kills_stopped_workers
+    assert not getattr(PContext.close.__wrapped__, "kills_stopped_workers", False)
+    join_all = ProcessContext._join_procs_with_timeout
+    assert getattr(join_all, MARK) and not getattr(join_all.__wrapped__, MARK, False)
 
 
 def test_after_a_forked_worker_failed_a_stopped_peer_is_killed_before_torchs_30_s_wait(capsys):

@@ -500,6 +500,9 @@ def test_the_memory_tier_volume_is_sized_from_the_model_and_counted_in_memory(he
     off = render(helm, "memoryTier.every=0")
     assert snapshot_volume(off) is None
     assert yaml.safe_load(by_kind(off, "ConfigMap")[0]["data"]["config.yaml"])["snapshot_every"] == 0
+    auto = yaml.safe_load(by_kind(render(helm, "memoryTier.every=auto"), "ConfigMap")[0]["data"]["config.yaml"])
+    assert TrainConfig(**auto).snapshot_every == "auto"
+    assert "memoryTier" in render_error(helm, "memoryTier.every=sometimes")
 
 
 @pytest.mark.parametrize(("sets", "message"), [

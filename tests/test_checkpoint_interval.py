@@ -1,4 +1,5 @@
-"""`--checkpoint-every auto`: the Young/Daly interval from the measured save cost and the job's failures."""
+"""`--checkpoint-every auto` and `--snapshot-every auto`: the Young/Daly interval from the measured save
+(or snapshot) cost and the job's failures; the disk tier's from the failures memory did not cover."""
 
 from __future__ import annotations
 
@@ -94,13 +95,39 @@ def test_failures_come_from_the_start_records():
     assert found.mtbf_s(found.observed_s(200.0), prior_s=300.0) == pytest.approx(100 / 2)
 
 
+def test_the_disk_tier_counts_only_the_failures_memory_did_not_cover():
+    records = [{"event": "start", "time": 100.0},
+               *({"event": "start", "time": 100.0 + 10 * i, "recovered_from": {"cause": "failure"},
+                  "restored_from": tier} for i, tier in enumerate(["memory", "memory", "disk", "memory"], 1))]
+    found = FailureHistory.from_records(records, now=999.0)
+    assert (found.failures, found.restored_from_disk) == (4, 1)
+    beyond = found.beyond_memory()
+    assert (beyond.failures, beyond.first_start) == (1, 100.0)
+    assert interval_after(0.5, beyond) > interval_after(0.5, found), "the disk tier saves less often"
+
+
+def test_memory_snapshots_on_auto_follow_their_own_stall_from_every_step():
+    auto = AutoInterval(3600, history(failures=6, observed_s=360), identity, announce=False,
+                        what="memory snapshot", first_every=1)
+    taken, last = [], None
+    for step in range(1, 41):
+        auto.step_finished(0.1, writing=False)
+        if auto.due(step, last):
+            auto.saved(step, 0.001 if taken else 0.5)  # the first also maps its slot: not a measure
+            taken.append(step)
+            last = step
+    assert taken[:2] == [1, 2], "every step until a snapshot has been measured"
+    assert auto.every == round(math.sqrt(2 * 0.001 * 60) / 0.1), "Young/Daly: 1 ms stall, MTBF 60 s, 0.1 s steps"
+
+
 @pytest.mark.torchrun
 def test_auto_interval_in_a_two_rank_run(ckpt_dir):
     proc = run_cli("local", "--nproc", "2", *TINY_LM, "--global-batch-size", "8", "--max-steps", "80",
-                   "--checkpoint-every", "auto", "--expected-mtbf", "30", "--keep-last", "100",
-                   "--checkpoint-dir", str(ckpt_dir), "--no-progress", check=True)
+                   "--checkpoint-every", "auto", "--snapshot-every", "auto", "--expected-mtbf", "30",
+                   "--keep-last", "100", "--checkpoint-dir", str(ckpt_dir), "--no-progress", check=True)
     changes = re.findall(r"checkpoint interval (\d+) -> (\d+) steps \(auto: save cost ([0-9.]+)s, MTBF", proc.stderr)
     assert changes, proc.stderr[-3000:]
+    assert re.search(r"memory snapshot interval 1 -> \d+ steps \(auto: save cost", proc.stderr), proc.stderr[-3000:]
     assert int(changes[0][0]) == FIRST_AUTO_EVERY
     steps = [c.marker.step for c in committed_checkpoints(ckpt_dir)]
     assert steps[0] == FIRST_AUTO_EVERY and steps[-1] == 80

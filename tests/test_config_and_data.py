@@ -29,6 +29,17 @@ def test_config_round_trips_through_flags():
     assert resolve_config(build_parser().parse_args(["train", *config_to_args(cfg)]), environ={}) == cfg
 
 
+def test_both_tiers_take_a_step_count_or_auto():
+    cfg = parse("--checkpoint-every", "auto", "--snapshot-every", "AUTO")
+    assert (cfg.checkpoint_every, cfg.snapshot_every) == ("auto", "auto")
+    assert resolve_config(build_parser().parse_args(["train", *config_to_args(cfg)]), environ={}) == cfg
+    assert parse("--snapshot-every", "0").snapshot_every == 0
+    with pytest.raises(UserError, match="--snapshot-every must be >= 0"):
+        parse("--snapshot-every", "-1")
+    with pytest.raises(SystemExit):  # argparse: "invalid step count or 'auto' value"
+        parse("--snapshot-every", "sometimes")
+
+
 def test_bad_env_value_names_the_variable():
     with pytest.raises(UserError, match="FSDP_TRAIN_MAX_STEPS"):
         parse(environ={"FSDP_TRAIN_MAX_STEPS": "ten"})

@@ -135,6 +135,7 @@ import sys, time, torch
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import trainer.checkpoint.snapshot as snapshot
+import trainer.checkpoint.torch_compat as torch_compat
 from test_snapshot import take
 slots = snapshot.SnapshotSlots(Path({folder!r}), rank=0)
 take(slots, 1)
@@ -144,7 +145,7 @@ def slow_copy(targets, sources):
         target.copy_(source)
         print("copying", flush=True)
         time.sleep(60)
-snapshot.copy_all = slow_copy
+torch_compat.copy_all = slow_copy
 take(slots, 3, value=99.0)  # into the slot of step 1
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import enum
 import importlib
+import inspect
 import io
 import pickle
 import pickletools
@@ -318,3 +319,25 @@ def test_no_private_torch_method_is_overridden_outside_torch_compat() -> None:
     assert offenders == {}, "override it in trainer/checkpoint/torch_compat.py, behind a public-named hook"
     assert _private_torch_overrides("trainer.checkpoint.torch_compat") == [
         "WriteLoopWriter._write_data overrides torch.distributed.checkpoint.filesystem._FileSystemWriter._write_data"]
+
+
+def test_the_agents_hooks_find_in_torch_what_they_hook() -> None:
+    """trainer/launcher/torch_compat.py: torchrun's agent and torch's multiprocessing, as it uses them."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.multiprocessing.spawn import ProcessContext
+
+    from trainer.launcher import torch_compat
+
+    monitor = inspect.unwrap(LocalElasticAgent._monitor_workers)
+    assert list(inspect.signature(monitor).parameters) == ["self", "worker_group"]
+    assert "self._remaining_restarts = " in inspect.getsource(SimpleElasticAgent.__init__)
+    assert "self._remaining_restarts > 0" in inspect.getsource(SimpleElasticAgent._invoke_run), \
+        "end_restarts works by leaving no restart to the failure branch"
+    join_all = inspect.unwrap(ProcessContext._join_procs_with_timeout)
+    assert list(inspect.signature(join_all).parameters) == ["self", "timeout"]
+    assert "_join_procs_with_timeout" in inspect.getsource(ProcessContext.join), "called after a failure"
+    agent = type("Agent", (), {"_remaining_restarts": 3})()
+    assert torch_compat.restarts_left(agent) == 3
+    torch_compat.end_restarts(agent)
+    assert torch_compat.restarts_left(agent) == 0

@@ -93,9 +93,10 @@ class TrainConfig:
                                        "Young/Daly interval from the measured save cost and this job's failures")
     expected_mtbf: float = _opt(3600.0, "with --checkpoint-every auto: the seconds between failures to expect "
                                 "until the job's first failure (then its own failures decide)")
-    snapshot_every: int = _opt(1, "take a memory snapshot of every rank's state every K steps (0: off), kept in "
-                               "node-local shared memory, so a restarted worker restores from memory instead of "
-                               "disk; needs the agent of 'fsdp-train local' or 'launch'")
+    snapshot_every: int | str = _opt(1, "take a memory snapshot of every rank's state every K steps (0: off), "
+                                     "kept in node-local shared memory, so a restarted worker restores from memory "
+                                     "instead of disk; needs the agent of 'fsdp-train local' or 'launch'; or auto: "
+                                     "the Young/Daly interval from the snapshot's stall and this job's failures")
     checkpoint_first_step: bool = _opt(False, "also save (and read back) right after step 1, so broken storage "
                                        "fails in the first minute")
     checkpoint_mode: str = _opt("async", "periodic saves: async (stage, then write in background) or sync",
@@ -142,7 +143,8 @@ class TrainConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UserError(f"--micro-batch-size must be >= 1 (got {self.micro_batch_size}); leave it out to run "
                             "each rank's share in one pass")
-        for name in ("eval_every", "max_grad_norm", "snapshot_every"):
+        non_negative = ["eval_every", "max_grad_norm"] + (["snapshot_every"] if self.snapshot_every != AUTO else [])
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.eval_batches < 1:

@@ -119,7 +119,7 @@ class Trainer:
         clock.lap("shard")
         fingerprint = self.data.info.fingerprint() if self.data.info else None
         # this job's earlier records: the start record and auto's failure history read them
-        needs_records = self.rt.is_primary or cfg.checkpoint_every == AUTO
+        needs_records = self.rt.is_primary or AUTO in (cfg.checkpoint_every, cfg.snapshot_every)
         self.job_records = read_metrics(cfg.checkpoint_dir) if needs_records else []
         self.checkpoints = CheckpointManager(CheckpointSettings.from_config(cfg), self.rt, self.app_state,
                                              RunIdentity.from_config(cfg, self.run_id, fingerprint),

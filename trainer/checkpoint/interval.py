@@ -1,4 +1,4 @@
-"""When the next periodic checkpoint is due: every K steps, or ``auto``.
+"""When the next periodic checkpoint, or memory snapshot, is due: every K steps, or ``auto``.
 
 ``auto`` follows the Young/Daly optimum: saving every ``sqrt(2 * cost * MTBF)`` seconds minimises
 the time lost to saves plus the time lost to redoing steps after a failure. ``cost`` is what a
@@ -7,6 +7,11 @@ that run while it is written), measured on every rank; ``MTBF`` is this job's ow
 between failures, read from the start records in ``metrics.jsonl``; ``--expected-mtbf`` stands in
 until the first failure is seen. The interval is re-evaluated at every periodic save and on every
 restart, so it shortens as failures come and lengthens as the job runs without them.
+
+Two tiers, each tuned on its own: a memory snapshot (``--snapshot-every auto``) from the snapshot's
+stall and the rate of every failure (a restart restores from memory when it can); the disk tier,
+while memory snapshots are on, from its own cost and the rate of the failures memory could not
+cover (a restart that restored from disk: a lost node, a new pod).
 """
 
 from __future__ import annotations
@@ -37,13 +42,19 @@ class FailureHistory:
 
     failures: int
     first_start: float  # wall time the job first started
+    restored_from_disk: int = 0  # of the failures: those whose restart found no usable memory snapshot
 
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]], now: float) -> FailureHistory:
         """``now``: this start, the first one when the records hold none."""
         starts = [record for record in records if record.get("event") == "start"]
-        failures = sum(1 for start in starts if (start.get("recovered_from") or {}).get("cause") == "failure")
-        return cls(failures, starts[0]["time"] if starts else now)
+        failed = [start for start in starts if (start.get("recovered_from") or {}).get("cause") == "failure"]
+        from_disk = sum(1 for start in failed if start.get("restored_from") != "memory")
+        return cls(len(failed), starts[0]["time"] if starts else now, from_disk)
+
+    def beyond_memory(self) -> FailureHistory:
+        """The failures the memory tier did not cover: what the disk tier is for, while it is on."""
+        return FailureHistory(self.restored_from_disk, self.first_start, self.restored_from_disk)
 
     def observed_s(self, now: float) -> float:
         return max(0.0, now - self.first_start)
@@ -118,14 +129,20 @@ class AutoInterval:
     (``agree`` takes their maximum over ranks), so all ranks save at the same steps."""
 
     def __init__(self, expected_mtbf_s: float, history: FailureHistory, agree: Agree,
-                 announce: bool = True) -> None:
-        self.every = FIRST_AUTO_EVERY
-        self.reason = f"a save every {FIRST_AUTO_EVERY} steps until one has been measured"
+                 announce: bool = True, *, what: str = "checkpoint", first_every: int = FIRST_AUTO_EVERY,
+                 evaluate_every: int = 1) -> None:
+        """``what`` names the tier in the log; ``first_every``: the interval until a save has been
+        measured; ``evaluate_every``: saves between two re-evaluations (each is a collective)."""
+        self.every = first_every
+        self.reason = f"every {first_every} steps until one has been measured"
         self._prior = expected_mtbf_s
         self._history = history
         self._agree = agree
         self._meter = SaveCostMeter()
         self._announce = announce
+        self._what = what
+        self._evaluate_every = evaluate_every
+        self._saves = 0
         self._next_due: int | None = None
 
     def due(self, step: int, last_saved: int | None) -> bool:
@@ -139,7 +156,9 @@ class AutoInterval:
     def saved(self, step: int, stall_s: float) -> None:
         """A periodic save was started after ``step``: choose when the next one is due."""
         self._meter.save_started(stall_s)
-        self._reevaluate()
+        self._saves += 1
+        if self._saves % self._evaluate_every == 0:
+            self._reevaluate()
         self._next_due = step + self.every
 
     def _reevaluate(self) -> None:
@@ -156,5 +175,5 @@ class AutoInterval:
                       else f"no failure in {observed:.0f}s + prior {self._prior:.0f}s")
             reason = f"save cost {cost:.3f}s, MTBF {mtbf:.0f}s ({source}), step {clean:.3f}s"
             if self._announce:
-                log.info("checkpoint interval %d -> %d steps (auto: %s)", self.every, every, reason)
+                log.info("%s interval %d -> %d steps (auto: %s)", self._what, self.every, every, reason)
             self.every, self.reason = every, reason

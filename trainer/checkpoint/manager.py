@@ -33,6 +33,9 @@ from trainer.errors import UserError
 
 log = logging.getLogger("fsdp_train")
 
+# --snapshot-every auto re-evaluates its interval every this many snapshots (each time, a collective)
+SNAPSHOT_EVALUATE_EVERY = 10
+
 
 class CheckpointManager:
     """Owns a job's checkpoints: where it resumes from, when it saves, how, and what it keeps.
@@ -65,9 +68,9 @@ class CheckpointManager:
         self.resumed: Resumed | None = None  # the disk checkpoint this start restored
         self.memory_restore: MemoryRestore | None = None  # or the memory snapshots it restored
         self.memory: MemoryTier | None = None
-        if settings.snapshot_folder is not None and settings.snapshot_every:
+        if settings.snapshot_folder is not None and settings.snapshot_every != 0:
             self.memory = MemoryTier(settings.snapshot_folder, runtime, identity.run_id,
-                                     config_digest(identity.config, identity.dataset), settings.snapshot_every)
+                                     config_digest(identity.config, identity.dataset), self._snapshot_interval())
         self._stager = ReusableHostStager()
         self._thread = save_thread()
         self._writer_process: WriterClient | None = None  # writes async saves when it runs, else the thread does
@@ -80,6 +83,16 @@ class CheckpointManager:
         self._writers_ready: Future | None = None  # the writer processes' start, on the save thread
         self.interval: FixedInterval | AutoInterval = FixedInterval(settings.every or 1)
         self._left_maybe_save: float | None = None  # when the last maybe_save returned: a step runs after it
+
+    def _failure_history(self) -> FailureHistory:
+        return self.failures or FailureHistory.from_records([], time.time())
+
+    def _snapshot_interval(self) -> FixedInterval | AutoInterval:
+        if self.settings.snapshot_every is not None:
+            return FixedInterval(self.settings.snapshot_every)
+        return AutoInterval(self.settings.expected_mtbf, self._failure_history(), self._agree_max,
+                            announce=self.rt.is_primary, what="memory snapshot", first_every=1,
+                            evaluate_every=SNAPSHOT_EVALUATE_EVERY)
 
     @property
     def root(self) -> Path:
@@ -112,7 +125,9 @@ class CheckpointManager:
         if self.resumed is not None:
             self._last_saved_step = self.resumed.info.step
         if self.settings.every is None:
-            failures = self.failures or FailureHistory.from_records([], time.time())
+            failures = self._failure_history()
+            if self.memory is not None:  # what memory covers is no longer the disk tier's to cover
+                failures = failures.beyond_memory()
             self.interval = AutoInterval(self.settings.expected_mtbf, failures, self._agree_max,
                                          announce=self.rt.is_primary)
         resumed_at = time.perf_counter()
@@ -153,7 +168,8 @@ class CheckpointManager:
             writing = self._pending is not None and not self._pending.done()
             self.interval.step_finished(entered - self._left_maybe_save, writing=writing)
         if self.memory is not None:
-            self.memory.maybe_take(step, self.app_state)
+            step_s = None if self._left_maybe_save is None else entered - self._left_maybe_save
+            self.memory.maybe_take(step, self.app_state, step_s)
         if step == 1 and self.settings.first_step:
             self.save(step, loss, SaveReason.FIRST_STEP, blocking=True)
             verify_readable(self.rt, self.root, step)

@@ -20,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.checkpoint.app_state import AppState
+from trainer.checkpoint.interval import AutoInterval, FixedInterval
 from trainer.checkpoint.snapshot import Manifest, SnapshotSlots, Unsupported, flatten, layout_of
 from trainer.distributed.runtime import Runtime
 
@@ -59,31 +60,38 @@ class Offer:
 
 
 class MemoryTier:
-    """One rank's snapshots and their cadence (every ``every`` steps; 0: off)."""
+    """One rank's snapshots and their cadence: a ``FixedInterval`` (every K steps) or an
+    ``AutoInterval`` (Young/Daly from the snapshots' own stall and the job's failures)."""
 
-    def __init__(self, folder: Path, rt: Runtime, run_id: str, digest: str, every: int) -> None:
+    def __init__(self, folder: Path, rt: Runtime, run_id: str, digest: str,
+                 interval: FixedInterval | AutoInterval) -> None:
         self.slots = SnapshotSlots(folder, rt.rank)
         self.rt = rt
         self.run_id = run_id
         self.digest = digest
-        self.every = every
+        self.interval = interval
         self.disabled: str | None = None  # why snapshots stopped (a state they cannot carry)
-        self.last_seconds: float | None = None  # the newest snapshot's stall
-        self.last_bytes = 0
+        self.last_step: int | None = None  # of the newest snapshot this process took
 
-    def maybe_take(self, step: int, app_state: AppState) -> None:
-        if self.disabled or not self.every or step % self.every:
+    def maybe_take(self, step: int, app_state: AppState, step_s: float | None = None) -> None:
+        """After ``step``, which took ``step_s`` (without the saves and snapshots around it)."""
+        if self.disabled:
+            return
+        if step_s is not None:
+            self.interval.step_finished(step_s, writing=False)
+        if not self.interval.due(step, self.last_step):
             return
         started = time.perf_counter()
         try:
-            self.last_bytes = self.slots.take(app_state.state_dict(), step=step, world_size=self.rt.world_size,
-                                              run_id=self.run_id, config_digest=self.digest)
+            self.slots.take(app_state.state_dict(), step=step, world_size=self.rt.world_size, run_id=self.run_id,
+                            config_digest=self.digest)
         except (Unsupported, OSError) as exc:
             self.disabled = str(exc)
             if self.rt.is_primary:
                 log.warning("memory snapshots off: %s; failures restore from disk", exc)
             return
-        self.last_seconds = time.perf_counter() - started
+        self.last_step = step
+        self.interval.saved(step, time.perf_counter() - started)
 
     # ---- restoring ------------------------------------------------------------------------
     def offer(self, app_state: AppState) -> tuple[Offer, dict[int, Manifest]]:

@@ -35,15 +35,16 @@ class CheckpointSettings:
     resume_from: str | None  # a step number or a checkpoint path; None: the newest committed
     no_resume: bool
     expected_mtbf: float = 3600.0  # auto's prior: seconds between failures before any are seen
-    snapshot_every: int = 0  # memory snapshots every K steps; 0: off
+    snapshot_every: int | None = 0  # memory snapshots every K steps; 0: off; None: auto (interval.py)
     snapshot_folder: Path | None = None  # this run's snapshot folder, from the agent; None: no memory tier
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> CheckpointSettings:
         every = None if cfg.checkpoint_every == "auto" else int(cfg.checkpoint_every)
+        snapshot_every = None if cfg.snapshot_every == "auto" else int(cfg.snapshot_every)
         return cls(Path(cfg.checkpoint_dir), every, cfg.checkpoint_first_step,
                    SaveMode(cfg.checkpoint_mode), WriterKind(cfg.checkpoint_writer), cfg.keep_last,
-                   cfg.resume_from, cfg.no_resume, cfg.expected_mtbf, cfg.snapshot_every,
+                   cfg.resume_from, cfg.no_resume, cfg.expected_mtbf, snapshot_every,
                    Path(folder) if (folder := os.environ.get(FOLDER_ENV)) else None)
 
 

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from trainer.distributed.failure_file import FAILURE_FILE_ENV, write_failure
 from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.launcher import torch_compat
 
 # Only light imports up here: ``local`` imports this module before torch, and starts the agent
 # process before it imports torch itself. What needs torch is imported where it is used.
@@ -105,9 +106,9 @@ def stopped_workers_killed_first(close: Callable[..., None]) -> Callable[..., No
 
 
 def stopped_peers_killed_first(join_all: Callable[..., None]) -> Callable[..., None]:
-    """Wrap ``ProcessContext._join_procs_with_timeout``: when one forked worker failed, torch's
-    multiprocessing waits for the others, SIGTERMs them, and waits 30 s more before SIGKILL. A
-    stopped worker can act on neither, so it is killed before each wait instead."""
+    """Wrap how torch's multiprocessing ends a group after one forked worker failed: it waits for
+    the others, SIGTERMs them, and waits 30 s more before SIGKILL. A stopped worker can act on
+    neither, so it is killed before each wait instead."""
 
     @wraps(join_all)
     def join_killing_stopped(self: Any, timeout: float) -> None:
@@ -115,47 +116,40 @@ def stopped_peers_killed_first(join_all: Callable[..., None]) -> Callable[..., N
                               if self.processes[index].exitcode is None})
         join_all(self, timeout)
 
-    join_killing_stopped.kills_stopped_workers = True  # type: ignore[attr-defined]
     return join_killing_stopped
 
 
-def mistakes_end_the_run(monitor: Callable[..., Any], recorder: FailureRecorder) -> Callable[..., Any]:
-    """Wrap ``LocalElasticAgent._monitor_workers``: a worker that stopped on a user error
+def mistakes_end_the_run(recorder: FailureRecorder) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap how torchrun's agent looks at its workers: a worker that stopped on a user error
     (``EXIT_USER_ERROR``: its one line is in the log) is not restarted, since a restart would stop
-    the same way; and the recorder knows how many restarts are left when it reports a failure."""
+    the same way; and ``recorder`` knows how many restarts are left when it reports a failure."""
 
-    @wraps(monitor)
-    def monitored(self: Any, worker_group: Any) -> Any:
-        recorder.restarts_left = self._remaining_restarts
-        result = monitor(self, worker_group)
-        if result.is_failed() and any(failure.exitcode == EXIT_USER_ERROR for failure in result.failures.values()):
-            self._remaining_restarts = 0
-        return result
+    def wrap(monitor: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(monitor)
+        def monitored(self: Any, worker_group: Any) -> Any:
+            recorder.restarts_left = torch_compat.restarts_left(self)
+            result = monitor(self, worker_group)
+            if result.is_failed() and any(f.exitcode == EXIT_USER_ERROR for f in result.failures.values()):
+                torch_compat.end_restarts(self)
+            return result
 
-    monitored.ends_on_mistakes = True  # type: ignore[attr-defined]
-    return monitored
+        return monitored
+
+    return wrap
 
 
 def install_restart_policy(recorder: FailureRecorder) -> None:
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-
-    monitor = LocalElasticAgent._monitor_workers
-    LocalElasticAgent._monitor_workers = mistakes_end_the_run(  # type: ignore[method-assign]
-        getattr(monitor, "__wrapped__", monitor) if getattr(monitor, "ends_on_mistakes", False) else monitor,
-        recorder)
+    torch_compat.hook_monitor_workers(mistakes_end_the_run(recorder))
 
 
 def install_fast_stop() -> None:
     """Stopped workers are killed at once when torchrun stops a group (``PContext.close``) and when
-    torch's multiprocessing ends a group of forked workers after a failure (``ProcessContext``)."""
+    torch's multiprocessing ends a group of forked workers after a failure."""
     from torch.distributed.elastic.multiprocessing.api import PContext
-    from torch.multiprocessing.spawn import ProcessContext
 
     if not getattr(PContext.close, "kills_stopped_workers", False):
         PContext.close = stopped_workers_killed_first(PContext.close)  # type: ignore[method-assign]
-    join_all = ProcessContext._join_procs_with_timeout  # torch's, private: see above
-    if not getattr(join_all, "kills_stopped_workers", False):
-        ProcessContext._join_procs_with_timeout = stopped_peers_killed_first(join_all)  # type: ignore[method-assign]
+    torch_compat.hook_join_after_failure(stopped_peers_killed_first)
 
 
 class RunFolder:
