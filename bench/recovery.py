@@ -1,8 +1,8 @@
 """Where the seconds of a recovery go, per failure kind, at `make train` size on this machine.
 
 ``python -m bench.recovery [--repeats 5] [--json FILE]`` runs ``fsdp-train local`` (2 workers,
-configs/local.yaml), one job per mode serving every scenario in turn, and injects each event
-``--repeats`` times:
+configs/local.yaml), per mode one job for the in-place scenarios in turn and one for the SIGTERMs,
+and injects each event ``--repeats`` times:
 
 1. ``kill-one``: SIGKILL of one worker (torchrun restarts the group in place);
 2. ``kill-all``: SIGKILL of every worker (the agent lives);
@@ -100,7 +100,7 @@ def fresh_starts(job: LocalJob, args: argparse.Namespace, mode: str, jobs: list[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Per mode, one job serves every scenario in turn: the in-place events, then the SIGTERMs."""
+    """Per mode, one job serves the in-place events in turn; another the SIGTERMs."""
     results: dict[str, Any] = {}
     in_place_scenarios = [scenario for scenario in SCENARIOS if scenario in args.scenarios and scenario != "term-job"]
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
@@ -113,8 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     samples = [in_place(jobs[0], scenario, args) for _ in range(args.repeats)]
                     results.setdefault(scenario, {})[mode] = summarise(samples)
                     print_row(f"{scenario} {mode}", results[scenario][mode])
-                if "term-job" in args.scenarios:
-                    results.setdefault("term-job", {})[mode] = summarise(fresh_starts(jobs[0], args, mode, jobs))
+                if "term-job" in args.scenarios:  # a job of its own: none of the events above before it
+                    jobs.append(LocalJob(Path(tmp) / f"{mode}-term", Path(tmp) / f"{mode}-term.log",
+                                         *job_flags(args, mode), env=MODES[mode][1]))
+                    results.setdefault("term-job", {})[mode] = summarise(fresh_starts(jobs[-1], args, mode, jobs))
                     print_row(f"term-job {mode}", results["term-job"][mode])
             finally:
                 for job in jobs:

@@ -315,7 +315,7 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     worlds = sorted({r["world_size"] for r in step_records(pvc)})
     resumes = [r for r in read_metrics(pvc) if r.get("event") == "start" and r.get("resumed_from")]
     lines = [f"e2e-docker {kind} summary ({time.monotonic() - started:.0f}s): world sizes seen {worlds}, "
-             f"{len(resumes)} resumes, drain exit codes {codes}",
+             f"{len(resumes)} resumes, drained at step {drained.step} of {MAX_STEPS}, exit codes {codes}",
              f"  {'event (seconds)':26} {'detect':>7} {'stop':>7} {'restart':>7} {'total':>7}  steps lost  "
              "restored from",
              *(f"  {row['event']:26} {row['detection_s']:7.1f} {row['stop_s']:7.1f} {row['restart_s']:7.1f} "
@@ -325,8 +325,8 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     print("\n" + "\n".join(lines))
     (ROOT / "build").mkdir(exist_ok=True)
     (ROOT / "build" / f"e2e-docker-{kind.lower()}-summary.json").write_text(json.dumps(
-        {"kind": kind, "worlds": worlds, "resumes": len(resumes), "events": summary, "loss": loss,
-         "reference_loss": ref_loss}))
+        {"kind": kind, "worlds": worlds, "resumes": len(resumes), "drained_step": drained.step, "events": summary,
+         "loss": loss, "reference_loss": ref_loss}))
     assert {1, 2, 3} <= set(worlds)
     assert len(resumes) >= 5, "scaling up, the replaced pods, the partition and the scale-down each resume"
     partition = next(row for row in summary if row["event"] == "pod 2 cut off")
