@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_LM, run_cli
+from conftest import TINY_LM, ckpt_list, run_cli
 from trainer.checkpoint.layout import step_dir
 
 pytestmark = pytest.mark.torchrun
@@ -87,6 +87,8 @@ def test_infer_without_process_group_matches_the_training_model(lm_run, toy_run)
     assert json.loads(proc.stdout) == [expected]
     assert len(json.loads(run_cli("infer", str(step10(lm_run)), "--input", "5 6", "--generate", "4",
                                   check=True).stdout)) == 4
+    newest = run_cli("infer", str(lm_run), "--input", "1,2,3,4", check=True)  # the run's folder: its newest step
+    assert json.loads(newest.stdout) == [load_model(step_dir(lm_run, 15))[0](tokens)[0, -1].argmax().item()]
     toy = json.loads(run_cli("infer", str(step_dir(toy_run, 5)), "--input", ",".join(["0.5"] * 16),
                              check=True).stdout)
     assert len(toy) == 8
@@ -111,6 +113,13 @@ def test_ckpt_verify_catches_a_truncated_shard(lm_run, tmp_path):
     proc = run_cli("ckpt", "verify", str(copy))
     assert proc.returncode == 1 and str(shard) in proc.stdout and "truncated" in proc.stdout
     assert run_cli("ckpt", "verify", str(lm_run)).returncode == 0
+    # `ckpt list` reads no shard, but sees a file of the wrong size, or a missing one
+    assert [row["damaged"] for row in ckpt_list(lm_run)] == [None] * len(ckpt_list(lm_run))
+    (listed,) = ckpt_list(tmp_path)
+    assert listed["damaged"] and "__0_0.distcp is" in listed["damaged"]
+    shard.unlink()
+    table = run_cli("ckpt", "list", str(tmp_path), check=True).stdout
+    assert "DAMAGED" in table and "__0_0.distcp missing" in table
 
 
 def test_ckpt_diff_identical_across_layouts_and_nonzero_after_training(lm_run, tmp_path):
@@ -129,6 +138,7 @@ def test_status_reports_step_loss_world_and_resumes(lm_run):
     out = run_cli("status", str(lm_run), check=True).stdout
     assert "finished" in out and "step 15/15" in out and "world size 3" in out
     assert "resumes so far: 1" in out and "world 2 -> 3" in out
+    assert "last start continuing a run that had ended, restored from disk" in out, out
 
 
 def test_watch_follows_until_the_run_ends(lm_run):

@@ -165,8 +165,13 @@ def ckpt_list(args: argparse.Namespace) -> int:
     for row in rows:
         resumed = row["resumed_from"]
         resumed_text = f"step {resumed['step']} @ world {resumed['world_size']}" if resumed else "-"
-        print(f"{row['step']:>8}  {str(row['committed']).lower():9}  {row['world_size'] or '-':>5}  "
+        committed = "DAMAGED" if row["damaged"] else str(row["committed"]).lower()
+        print(f"{row['step']:>8}  {committed:9}  {row['world_size'] or '-':>5}  "
               f"{row['bytes'] / 1e6:>9.2f}  {row['reason'] or '-':10}  {resumed_text}")
+    for row in rows:
+        if row["damaged"]:
+            print(f"step {row['step']}: damaged ({row['damaged']}): a resume skips it; 'fsdp-train ckpt verify "
+                  f"{row['path']}' checks every byte")
     return 0
 
 
@@ -233,7 +238,8 @@ PROMPT_TEMPERATURE = 0.8
 
 def add_infer(commands: argparse._SubParsersAction) -> None:
     parser = _add(commands, "infer", infer, "load a checkpoint without a process group and run a forward pass")
-    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("checkpoint", metavar="CKPT", help="a committed checkpoint (DIR/step-N), or a run's DIR: "
+                        "its newest committed checkpoint")
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--input", help="toy: 16 numbers; transformer: token ids (comma or space separated); prints "
                        "the outputs or the generated ids as JSON")

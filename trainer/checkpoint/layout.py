@@ -72,6 +72,18 @@ class CheckpointInfo:
     def committed(self) -> bool:
         return self.marker is not None
 
+    def damage(self) -> str | None:
+        """What a glance shows is wrong with a committed checkpoint: a file its marker lists that is
+        missing or not of the recorded size (``ckpt verify`` reads every byte; this reads none)."""
+        for name, entry in sorted((self.marker.files if self.marker else {}).items()):
+            try:
+                size = (self.path / name).stat().st_size
+            except OSError:
+                return f"{name} missing"
+            if size != entry["bytes"]:
+                return f"{name} is {size} bytes, not {entry['bytes']}"
+        return None
+
     def summary(self) -> dict[str, Any]:
         """One row of ``ckpt list --json``."""
         marker = self.marker
@@ -85,6 +97,7 @@ class CheckpointInfo:
             "created": marker and marker.created,
             "resumed_from": resumed and {"step": resumed.step, "world_size": resumed.world_size},
             "reason": marker and marker.reason.value,
+            "damaged": self.damage(),
         }
 
 

@@ -22,7 +22,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,7 @@ class SnapshotSlots:
         self.folder = folder / f"rank-{rank}"
         self.rank = rank
         self._maps: dict[int, torch.Tensor] = {}  # slot -> its mapped bytes
+        self._newest: int | None = None  # the slot this process last completed: no need to read the manifests
 
     def manifest_path(self, slot: int) -> Path:
         return self.folder / f"slot-{slot}.json"
@@ -200,8 +202,10 @@ class SnapshotSlots:
         tensors = [local_shard(tensor) for tensor in tensors]
         layout = layout_of(tensors)
         offsets = _offsets(layout)
-        complete = self.complete()
-        newest = max(complete, key=lambda slot: complete[slot].step, default=None)
+        newest = self._newest
+        if newest is None:  # the first snapshot of this process: what an earlier one left decides
+            complete = self.complete()
+            newest = max(complete, key=lambda slot: complete[slot].step, default=None)
         slot = 0 if newest is None else (newest + 1) % SLOTS
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.manifest_path(slot).unlink(missing_ok=True)  # from here on this slot is not complete
@@ -211,7 +215,9 @@ class SnapshotSlots:
                      [t.detach() for t in tensors])
         manifest = Manifest(FORMAT, run_id, config_digest, step, world_size, self.rank, layout, offsets, encoded,
                             time.time())
-        _write_private(self.manifest_path(slot), json.dumps(asdict(manifest), separators=(",", ":")))
+        fields = {field.name: getattr(manifest, field.name) for field in dataclass_fields(manifest)}  # no deep copy
+        _write_private(self.manifest_path(slot), json.dumps(fields, separators=(",", ":")))
+        self._newest = slot
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def restore(self, slot: int, manifest: Manifest, live: Any) -> Any:
@@ -232,6 +238,7 @@ class SnapshotSlots:
     def drop(self) -> None:
         """Forget every snapshot of this rank (one that failed to restore must not be offered again)."""
         self._maps.clear()
+        self._newest = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _map(self, slot: int, size: int) -> torch.Tensor:

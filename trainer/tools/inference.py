@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint.layout import COMMIT_FILE, open_checkpoint
+from trainer.checkpoint.layout import COMMIT_FILE, CheckpointInfo, committed_checkpoints, open_checkpoint
 from trainer.checkpoint.reader import read_model_weights
 from trainer.config import TrainConfig, config_from_record
 from trainer.data.dataset import open_dataset
@@ -22,9 +22,17 @@ from trainer.models.build import build_model
 from trainer.models.toy import TOY_IN
 
 
+def open_for_inference(path: str | Path) -> CheckpointInfo:
+    """CKPT: a committed checkpoint, or a run's --checkpoint-dir (its newest committed checkpoint)."""
+    path = Path(path)
+    if path.is_dir() and not (path / COMMIT_FILE).exists() and (committed := committed_checkpoints(path)):
+        return committed[-1]
+    return open_checkpoint(path)
+
+
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The unwrapped model with the checkpoint's weights, in eval mode, plus its training config."""
-    info = open_checkpoint(checkpoint)
+    info = open_for_inference(checkpoint)
     cfg = config_from_record(info.marker.config, f"{info.path / COMMIT_FILE} config")
     model = build_model(cfg)
     model.load_state_dict(read_model_weights(info.path))

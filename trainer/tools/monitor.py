@@ -66,6 +66,11 @@ def _require_metrics(directory: str) -> None:
         raise UserError(f"{directory}: no {METRICS_FILE}; pass the --checkpoint-dir of a run")
 
 
+# How ``status`` says what a start followed (the start record's ``recovered_from.cause``)
+START_CAUSES = {"failure": " after a failure", "preempted": " after a stop (its emergency checkpoint)",
+                "scale": " at a new world size, after a stop", "continued": " continuing a run that had ended"}
+
+
 def status(directory: str, namespace: str | None = None, release: str | None = None) -> str:
     _require_metrics(directory)
     run = summarize(directory)
@@ -86,7 +91,7 @@ def status(directory: str, namespace: str | None = None, release: str | None = N
     if run.starts and run.starts[-1].get("phases"):
         last_start = run.starts[-1]
         recovered = last_start.get("recovered_from") or {}
-        after = f" after {recovered['cause']}" if recovered.get("cause") not in (None, "fresh") else ""
+        after = START_CAUSES.get(recovered.get("cause"), "")
         tier = f", restored from {last_start['restored_from']}" if last_start.get("restored_from") else ""
         lost = f", {recovered['steps_lost']} step(s) lost" if "steps_lost" in recovered else ""
         lines.append(f"  last start{after}{tier}{lost} took: {describe_phases(last_start['phases'])}")
