@@ -52,20 +52,27 @@ def test_the_agents_failure_record_reaches_the_next_start(tmp_path, capsys):
     assert "signal" not in what_it_recovered_from(5, "periodic", 2, 2, stale, failure), "an older failure"
 
 
-def test_a_stopped_worker_is_killed_at_once_and_a_running_one_is_left_to_sigterm(capsys):
+@pytest.fixture
+def stopped_and_running():
+    """Two stand-in workers: one SIGSTOPped (a hang), one running."""
     stopped, running = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
     try:
         stopped.send_signal(signal.SIGSTOP)
         wait_for(lambda: is_stopped(stopped.pid), 10, "the worker to stop")
-        assert not is_stopped(running.pid)
-        assert kill_stopped_workers({0: running.pid, 1: stopped.pid}) == [1]
-        assert stopped.wait(timeout=10) == -signal.SIGKILL
-        assert running.poll() is None, "a running worker gets torchrun's SIGTERM and its grace"
-        assert "worker local_rank 1 (pid" in capsys.readouterr().err
+        yield stopped, running
     finally:
         for proc in (stopped, running):
             proc.kill()
             proc.wait()
+
+
+def test_a_stopped_worker_is_killed_at_once_and_a_running_one_is_left_to_sigterm(stopped_and_running, capsys):
+    stopped, running = stopped_and_running
+    assert not is_stopped(running.pid)
+    assert kill_stopped_workers({0: running.pid, 1: stopped.pid}) == [1]
+    assert stopped.wait(timeout=10) == -signal.SIGKILL
+    assert running.poll() is None, "a running worker gets torchrun's SIGTERM and its grace"
+    assert "worker local_rank 1 (pid" in capsys.readouterr().err
 
 
 def test_the_agent_stops_a_worker_group_through_the_fast_stop():
@@ -82,24 +89,17 @@ def test_the_agent_stops_a_worker_group_through_the_fast_stop():
     assert getattr(join_all, MARK) and not getattr(join_all.__wrapped__, MARK, False)
 
 
-def test_after_a_forked_worker_failed_a_stopped_peer_is_killed_before_torchs_30_s_wait(capsys):
+def test_after_a_forked_worker_failed_a_stopped_peer_is_killed_before_torchs_30_s_wait(stopped_and_running, capsys):
     from types import SimpleNamespace
 
-    stopped, running = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    stopped, running = stopped_and_running
     waited = []
-    try:
-        stopped.send_signal(signal.SIGSTOP)
-        wait_for(lambda: is_stopped(stopped.pid), 10, "the worker to stop")
-        group = SimpleNamespace(pids=lambda: [running.pid, stopped.pid],  # torch's ProcessContext, as join sees it
-                                processes=[SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=None)])
-        stopped_peers_killed_first(lambda context, timeout: waited.append(timeout))(group, 30)
-        assert stopped.wait(timeout=10) == -signal.SIGKILL and waited == [30]
-        assert running.poll() is None, "a running worker still gets torch's SIGTERM and its grace"
-        assert "worker local_rank 1 (pid" in capsys.readouterr().err
-    finally:
-        for proc in (stopped, running):
-            proc.kill()
-            proc.wait()
+    group = SimpleNamespace(pids=lambda: [running.pid, stopped.pid],  # torch's ProcessContext, as join sees it
+                            processes=[SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=None)])
+    stopped_peers_killed_first(lambda context, timeout: waited.append(timeout))(group, 30)
+    assert stopped.wait(timeout=10) == -signal.SIGKILL and waited == [30]
+    assert running.poll() is None, "a running worker still gets torch's SIGTERM and its grace"
+    assert "worker local_rank 1 (pid" in capsys.readouterr().err
 
 
 def test_trainer_workers_start_warm_from_a_forkserver_in_their_runs_folder(tmp_path, monkeypatch):

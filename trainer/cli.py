@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.errors import UserError, report
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -346,5 +345,4 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as exc:
-        print(f"fsdp-train: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report(exc)

@@ -131,7 +131,12 @@ def layout_of(tensors: list[torch.Tensor]) -> list[list[Any]]:
     """[dtype, local shape] of each tensor: what this rank holds of it."""
     from trainer.checkpoint.torch_compat import local_shard  # DCP's import: not for the agent, which names folders
 
-    return [[str(t.dtype).removeprefix("torch."), list(local_shard(t).shape)] for t in tensors]
+    return _layout([local_shard(t) for t in tensors])
+
+
+def _layout(local_tensors: list[torch.Tensor]) -> list[list[Any]]:
+    """``layout_of`` for tensors that are this rank's shards already."""
+    return [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in local_tensors]
 
 
 # ---- one rank's two slots ----------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class SnapshotSlots:
 
         encoded, tensors = flatten(state)
         tensors = [local_shard(tensor) for tensor in tensors]
-        layout = layout_of(tensors)
+        layout = _layout(tensors)
         offsets = _offsets(layout)
         newest = self._newest
         if newest is None:  # the first snapshot of this process: what an earlier one left decides
@@ -226,10 +231,10 @@ class SnapshotSlots:
         from trainer.checkpoint.torch_compat import copy_all, local_shard
 
         _, originals = flatten(live)
-        if layout_of(originals) != manifest.layout:
+        targets = [local_shard(tensor) for tensor in originals]
+        if _layout(targets) != manifest.layout:
             raise ValueError("the live state's layout differs from the snapshot's")
         buffer = self._map(slot, _size_of(manifest.layout, manifest.offsets))
-        targets = [local_shard(tensor) for tensor in originals]
         with torch.no_grad():
             copy_all(targets, [_view(buffer, offset, t.dtype, t.shape) for offset, t in zip(manifest.offsets,
                                                                                            targets)])

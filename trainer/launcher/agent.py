@@ -129,7 +129,7 @@ def mistakes_end_the_run(recorder: FailureRecorder) -> Callable[[Callable[..., A
         def monitored(self: Any, worker_group: Any) -> Any:
             recorder.restarts_left = torch_compat.restarts_left(self)
             result = monitor(self, worker_group)
-            if result.is_failed() and any(f.exitcode == EXIT_USER_ERROR for f in result.failures.values()):
+            if result.is_failed() and any_mistake(result.failures):
                 torch_compat.end_restarts(self)
             return result
 
@@ -229,10 +229,14 @@ def runs_the_trainer(argv: list[str]) -> bool:
     return any(flag in ("-m", "--module") and name == "trainer" for flag, name in zip(argv, argv[1:]))
 
 
-def stopped_on_mistake(exc: BaseException) -> bool:
-    """Whether the agent gave up because a worker stopped on a user error (``EXIT_USER_ERROR``)."""
-    failures = getattr(exc, "failures", None) or {}
+def any_mistake(failures: dict[Any, Any]) -> bool:
+    """Whether any of torchrun's ``{rank: ProcessFailure}`` stopped on a user error (``EXIT_USER_ERROR``)."""
     return any(getattr(failure, "exitcode", None) == EXIT_USER_ERROR for failure in failures.values())
+
+
+def stopped_on_mistake(exc: BaseException) -> bool:
+    """Whether the agent gave up because a worker stopped on a user error."""
+    return any_mistake(getattr(exc, "failures", None) or {})
 
 
 def give_up_reason(exc: BaseException) -> str | None:

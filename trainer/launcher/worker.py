@@ -82,7 +82,7 @@ def run(env: dict[str, str], *argv: str) -> None:
     otherwise hold the exit, and the restart, until torchrun's SIGKILL 30 s later."""
     from trainer.config import parse_train_args
     from trainer.distributed.preemption import stop_signal_received
-    from trainer.errors import EXIT_USER_ERROR, UserError
+    from trainer.errors import UserError, report
     from trainer.train import main
 
     os.environ.update(env)
@@ -91,8 +91,7 @@ def run(env: dict[str, str], *argv: str) -> None:
     try:
         code = main(parse_train_args(list(argv[1:])))  # argv: "train", then its flags
     except UserError as exc:
-        print(f"fsdp-train: error: {exc}", file=sys.stderr)
-        code = EXIT_USER_ERROR
+        code = report(exc)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
