@@ -57,6 +57,10 @@ def kill_schedule(args: argparse.Namespace) -> list[tuple[float, int]]:
         kills.append((at, rng.randrange(2)))
 
 
+def failure_starts(work: Path) -> list[dict[str, Any]]:
+    return [start for start in records(work, "start") if start.get("recovered_from", {}).get("cause") == "failure"]
+
+
 def run_one(work: Path, every: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     job = LocalJob(work, work.with_suffix(".log"), *flags(every, mode, args), env=MODES[mode][1])
     kills: list[float] = []
@@ -73,9 +77,12 @@ def run_one(work: Path, every: str, mode: str, args: argparse.Namespace) -> dict
             LocalJob.kill_pid(pid)
         time.sleep(max(0.0, begin + args.minutes * 60 - time.time()))
         end, end_step = time.time(), last_step(work)
+        # A kill near the end may still be recovering: its start record is needed for the tallies
+        # (recovery time, tier), not for the goodput, which the window above has already fixed.
+        wait_for(lambda: len(failure_starts(work)) >= len(kills), 120, "the recovery from the last kill")
     finally:
         job.stop()
-    starts = [start for start in records(work, "start") if start.get("recovered_from", {}).get("cause") == "failure"]
+    starts = failure_starts(work)
     recovery = [start["time"] - kill for kill, start in zip(kills, starts)]
     lost = [start["recovered_from"].get("steps_lost", 0) for start in starts]
     wall, clean_s = end - begin, clean_step_seconds(records(work, "step"))
