@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.setdefault(scenario, {})[mode] = summarise(samples)
                     print_row(f"{scenario} {mode}", results[scenario][mode])
                 if "term-job" in args.scenarios:  # a job of its own: none of the events above before it
+                    jobs[0].stop()  # nor its steps, on the same cores
                     jobs.append(LocalJob(Path(tmp) / f"{mode}-term", Path(tmp) / f"{mode}-term.log",
                                          *job_flags(args, mode), env=MODES[mode][1]))
                     results.setdefault("term-job", {})[mode] = summarise(fresh_starts(jobs[-1], args, mode, jobs))
