@@ -22,9 +22,12 @@ RUN python3 -m venv /opt/fsdp-train \
     else \
       /opt/fsdp-train/bin/pip install ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} . ; \
     fi \
+ && rm -rf /opt/fsdp-train/lib/python3*/site-packages/torch/include \
  && find /opt/fsdp-train -name '__pycache__' -prune -exec rm -rf {} + \
- && rm -rf /opt/fsdp-train/lib/python3*/site-packages/torch/include
+ && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash -x '/testing/_internal/' /opt/fsdp-train/lib
 
+# Bytecode is compiled here, once: the root filesystem is read-only at run time, and without it every
+# container start (every restart of a pod) would compile torch's Python again.
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 trainer \
  && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin trainer
