@@ -12,7 +12,8 @@ the run to its end, the steps kept those the run ended ahead of where it began, 
 step time the median time between consecutive steps of the same run (restarts and saves are
 rare among them). Taking it from each run itself keeps the machine's drift between runs (10-15 %
 here) out of the comparison. Also reported:
-steps lost per failure and each recovery (kill to the end of the first step after it). The table
+steps lost per failure and each recovery (the last kill before a start to the end of its first step;
+a kill during a restart merges into that recovery). The table
 covers ``--intervals`` and ``--checkpoint-every``, once per ``--modes`` (default ``cold,warm``: as
 before the memory tier, with fresh interpreters and disk restores, and as now); the top-level
 figures are those of ``--checkpoint-every`` in the last mode.
@@ -79,11 +80,15 @@ def run_one(work: Path, every: str, mode: str, args: argparse.Namespace) -> dict
         end, end_step = time.time(), last_step(work)
         # A kill near the end may still be recovering: its start record is needed for the tallies
         # (recovery time, tier), not for the goodput, which the window above has already fixed.
-        wait_for(lambda: len(failure_starts(work)) >= len(kills), 120, "the recovery from the last kill")
+        wait_for(lambda: any(start["time"] > kills[-1] for start in failure_starts(work)) if kills else True, 120,
+                 "the recovery from the last kill")
     finally:
         job.stop()
     starts = failure_starts(work)
-    recovery = [start["time"] - kill for kill, start in zip(kills, starts)]
+    # A kill while the group is still restarting from the one before merges the two into one
+    # recovery: each start is timed from the last kill before it.
+    recovery = [start["time"] - max(kill for kill in kills if kill < start["time"]) for start in starts
+                if any(kill < start["time"] for kill in kills)]
     lost = [start["recovered_from"].get("steps_lost", 0) for start in starts]
     wall, clean_s = end - begin, clean_step_seconds(records(work, "step"))
     tiers = [start.get("restored_from") for start in starts]
