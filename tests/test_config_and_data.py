@@ -101,5 +101,22 @@ def test_model_args_come_as_json_or_a_yaml_mapping(tmp_path):
     config.write_text("model: pkg.mod:build\nmodel_args:\n  depth: 5\n")
     assert parse("--config", str(config)).model_args == {"depth": 5}
     assert parse(*config_to_args(cfg)) == cfg
-    with pytest.raises(UserError, match="use toy, transformer or package.module:function"):
+    with pytest.raises(UserError, match="use toy, transformer, hf:CONFIG or package.module:function"):
         parse("--model", "not a spec")
+
+
+def test_the_vocabulary_comes_from_the_data_unless_given(tmp_path):
+    from test_token_data import DOCS, write_texts
+
+    from trainer.data.loader import TrainingData
+    from trainer.data.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions([str(write_texts(tmp_path / "src", DOCS))], tmp_path / "bytes", val_fraction=0.0))
+    cfg = resolve_config(build_parser().parse_args(["train", "--model", "transformer", "--data",
+                                                    str(tmp_path / "bytes"), "--seq-len", "8"]))
+    assert cfg.vocab_size == 257, "the byte tokenizer's 256 bytes and its end-of-document id"
+    TrainingData(cfg)  # accepted: before, the default of 256 refused this dataset
+    assert "--vocab-size 257" in " ".join(config_to_args(cfg)), "the workers get the resolved vocabulary"
+    assert TrainConfig(model="transformer").vocab_size == 256, "synthetic data: 256 ids"
+    with pytest.raises(UserError, match="pass --vocab-size 257 or more, or leave it out"):
+        TrainingData(TrainConfig(model="transformer", data=str(tmp_path / "bytes"), vocab_size=100, seq_len=8))

@@ -50,6 +50,33 @@ def test_the_export_loads_in_transformers_with_the_same_logits(trained, tmp_path
     worst = (expected - got).abs().max().item()
     print(f"\nexport-hf: transformers LlamaForCausalLM vs fsdp-train logits, max |diff| {worst:.2e} (fp32)")
     assert worst <= 1e-4
+    assert_tokenizer_round_trips(out, cfg)
+
+
+def assert_tokenizer_round_trips(folder: Path, cfg) -> None:
+    """AutoTokenizer reads the export: text -> ids (the dataset's own) -> text, with EOS set."""
+    from transformers import AutoTokenizer
+
+    from trainer.data.dataset import open_dataset
+    from trainer.data.tokenizer import dataset_tokenizer
+
+    info = open_dataset(cfg.data)
+    ours, theirs = dataset_tokenizer(info.directory, info.tokenizer), AutoTokenizer.from_pretrained(str(folder))
+    text = "def f(x):\n    return x * 3  # héllo, wörld \u20ac"
+    ids = theirs.encode(text, add_special_tokens=False)
+    assert ids == ours.encode_batch([text])[0].tolist() and theirs.decode(ids) == text
+    assert theirs.eos_token_id == info.eos_id and theirs.eos_token is not None
+
+
+def test_a_byte_tokenized_run_exports_its_tokenizer_too(tmp_path):
+    from trainer.config import TrainConfig
+    from trainer.tools.hf_export import copy_tokenizer
+
+    prepare(PrepareOptions([str(write_texts(tmp_path / "src", DOCS))], tmp_path / "bytes", val_fraction=0.0))
+    cfg = TrainConfig(model="transformer", data=str(tmp_path / "bytes"))
+    (tmp_path / "out").mkdir()
+    assert copy_tokenizer(cfg, tmp_path / "out") == 256
+    assert_tokenizer_round_trips(tmp_path / "out", cfg)
 
 
 def test_init_from_takes_the_exported_folder(trained, tmp_path):

@@ -35,8 +35,16 @@ PRESETS: dict[str, dict[str, int]] = {
 PLUGIN_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
+# ``--model hf:CONFIG``: a ``transformers`` causal LM from a local config (``models.hf`` builds it).
+HF_PREFIX = "hf:"
+
+
 def is_plugin(model: str) -> bool:
     return PLUGIN_SPEC.fullmatch(model) is not None
+
+
+def is_hf(model: str) -> bool:
+    return model.startswith(HF_PREFIX) and len(model) > len(HF_PREFIX)
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -46,15 +54,18 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainConfig:
     # Model: the fields marked "shape" decide parameter shapes and must match a resumed checkpoint.
-    model: str = _opt("toy", "model to train: toy, transformer, or your own as package.module:function (called "
-                      "with --model-args; returns an nn.Module mapping [batch, seq] token ids to logits)", shape=True)
+    model: str = _opt("toy", "model to train: toy, transformer, hf:CONFIG (a transformers causal LM built from a "
+                      "local config.json or a folder holding one; no download), or your own as "
+                      "package.module:function (called with --model-args; returns an nn.Module mapping [batch, seq] "
+                      "token ids to logits: a tensor, an object with .logits, or a tuple led by them)", shape=True)
     model_args: dict = field(default_factory=dict, metadata={
         "help": "keyword arguments for your --model function, as a JSON object (a mapping in YAML)", "shape": True})
     shard_modules: str | None = _opt(None, "your --model: FSDP2 shards the modules whose names match this glob "
                                      "(e.g. 'layers.*'); default: shard_units() if it has one, else the entries "
                                      "of its ModuleList children")
     python_path: str | None = _opt(None, "folders (':'-separated) searched first for your --model's package")
-    vocab_size: int = _opt(256, "transformer vocabulary size", shape=True)
+    vocab_size: int | None = _opt(None, "vocabulary: the ids the data holds, and the built-in transformer's "
+                                  "width; default: the dataset's (--data), or 256 for synthetic data", shape=True)
     d_model: int = _opt(64, "transformer width", shape=True)
     n_layers: int = _opt(2, "transformer blocks", shape=True)
     n_heads: int = _opt(4, "attention heads (must divide d_model)", shape=True)
@@ -120,6 +131,10 @@ class TrainConfig:
     tensorboard: bool = _opt(False, "also write the metrics as TensorBoard event files into "
                              "<checkpoint-dir>/tensorboard (resumes as text events)")
 
+    def __post_init__(self) -> None:
+        if self.vocab_size is None:
+            self.vocab_size = data_vocabulary(self.data)
+
     def shape_fields(self) -> dict[str, Any]:
         """The settings that decide parameter shapes (compared on resume)."""
         names = [f.name for f in fields(self) if f.metadata.get("shape") and f.name != "model_args"]
@@ -159,8 +174,8 @@ class TrainConfig:
             raise UserError(f"--collective-timeout must be > 0 seconds (got {self.collective_timeout})")
         if self.d_model % self.n_heads:
             raise UserError(f"--n-heads ({self.n_heads}) must divide --d-model ({self.d_model})")
-        if self.model not in ("toy", "transformer") and not is_plugin(self.model):
-            raise UserError(f"--model {self.model!r}: use toy, transformer or package.module:function")
+        if self.model not in ("toy", "transformer") and not is_plugin(self.model) and not is_hf(self.model):
+            raise UserError(f"--model {self.model!r}: use toy, transformer, hf:CONFIG or package.module:function")
         if self.resume_from is not None and self.no_resume:
             raise UserError("--resume-from and --no-resume contradict each other: pass only one")
 
@@ -170,6 +185,20 @@ class TrainConfig:
                 f"world size {world_size} is larger than --global-batch-size {self.global_batch_size}: "
                 f"use at most {self.global_batch_size} processes or raise --global-batch-size"
             )
+
+
+SYNTHETIC_VOCABULARY = 256
+
+
+def data_vocabulary(data: str | None) -> int:
+    """The vocabulary of ``--data`` (from its ``dataset.json``), or of the synthetic data. A dataset
+    that cannot be read here is left to the data loader, which says why in its own line."""
+    if data:
+        try:
+            return int(json.loads(Path(data, "dataset.json").read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return SYNTHETIC_VOCABULARY
 
 
 def _flag(name: str) -> str:
@@ -322,6 +351,7 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     return config
 
 
+
 def with_preset(values: dict[str, Any]) -> dict[str, Any]:
     """The preset's sizes under the settings given explicitly (in any layer)."""
     preset = values.get("preset")
@@ -355,11 +385,11 @@ def config_from_record(values: dict[str, Any], source: str) -> TrainConfig:
 def config_to_args(config: TrainConfig) -> list[str]:
     """Render a config back into flags (used to hand a validated config to torchrun workers)."""
     argv: list[str] = []
-    defaults = TrainConfig()
     preset_keys = PRESETS[config.preset] if config.preset else {}
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
-        if value == getattr(defaults, f.name) and f.name not in preset_keys:  # a preset would fill those in
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value == default and f.name not in preset_keys:  # a preset would fill those in; a None resolves again
             continue
         if isinstance(value, bool):
             if value or not f.name.startswith("no_"):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from trainer.checkpoint.layout import ensure_writable
 from trainer.checkpoint.lock import JobLock
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.settings import CheckpointSettings, RunIdentity
-from trainer.config import AUTO, TrainConfig
+from trainer.config import AUTO, TrainConfig, is_hf
 from trainer.data.loader import Prefetcher, TrainingData, check_same_data, rank_slice
 from trainer.distributed.failure_file import read_failure
 from trainer.distributed.preemption import EXIT_PEER_PREEMPTED, StopRequest, exit_when_orphaned
@@ -34,6 +35,11 @@ from trainer.models.sharding import recompute_activations, shard_units
 from trainer.optim.schedule import new_scheduler, rebase, setting_changes
 
 log = logging.getLogger("fsdp_train")
+
+# FSDP2 warns when a sharded module returns a view (nn.Linear on a [batch, seq, width] input does): an
+# in-place op on that view would skip its pre-backward hook. The step only reads the output (logits_of,
+# then an out-of-place loss), so the warning, once per rank for most models, says nothing here.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy:
@@ -126,7 +132,7 @@ class Trainer:
                                              FailureHistory.from_records(self.job_records, time.time()))
         resumed = self.checkpoints.start()  # from disk; or from memory (same run: same settings and data)
         if self.checkpoints.restored_from is None and cfg.init_from:
-            load_initial_weights(self.model, cfg.init_from)
+            load_initial_weights(self.model, cfg.init_from, hf_names=is_hf(cfg.model))
         self.changes: list[str] = []
         if resumed is not None:
             marker = resumed.info.marker

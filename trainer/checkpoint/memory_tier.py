@@ -51,6 +51,9 @@ class MemoryRestore:
     seconds: float
 
 
+NO_SNAPSHOT = "holds no snapshot"
+
+
 @dataclass(frozen=True)
 class Offer:
     """One rank's answer to "which snapshots could you restore?"."""
@@ -97,7 +100,7 @@ class MemoryTier:
     def offer(self, app_state: AppState) -> tuple[Offer, dict[int, Manifest]]:
         complete = self.slots.complete()
         if not complete:
-            return Offer((), "holds no snapshot"), {}
+            return Offer((), NO_SNAPSHOT), {}
         _, live = flatten(app_state.state_dict())
         layout, steps, problems = layout_of(live), [], []
         for manifest in complete.values():
@@ -126,7 +129,8 @@ class MemoryTier:
         dist.all_gather_object(offers, offer, group=self.rt.checkpoint_group)
         step, reason = agree(offers, newest_disk_step)
         if step is None:
-            if self.rt.is_primary:
+            first_start = newest_disk_step is None and all(o is not None and o.problem == NO_SNAPSHOT for o in offers)
+            if self.rt.is_primary and not first_start:  # a job's first start has nothing to say
                 log.warning("restoring from disk, not memory: %s", reason)
             return None
         slot = next(slot for slot, manifest in usable.items() if manifest.step == step)

@@ -103,7 +103,8 @@ class TrainingData:
         info = self.info = open_dataset(cfg.data)
         if info.vocab_size > cfg.vocab_size:
             raise UserError(f"--data {cfg.data}: its vocabulary ({info.vocab_size} ids) is larger than the model's "
-                            f"--vocab-size {cfg.vocab_size}; pass --vocab-size {info.vocab_size} or more")
+                            f"--vocab-size {cfg.vocab_size}; pass --vocab-size {info.vocab_size} or more, or leave it "
+                            "out to take the data's")
         train = TokenWindows(info, "train", cfg.seq_len, cfg.seed, shuffle=True)
         if train.windows < cfg.global_batch_size:
             raise UserError(f"--data {cfg.data}: {train.windows} training windows of {cfg.seq_len + 1} tokens, fewer "

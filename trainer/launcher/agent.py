@@ -229,6 +229,15 @@ def runs_the_trainer(argv: list[str]) -> bool:
     return any(flag in ("-m", "--module") and name == "trainer" for flag, name in zip(argv, argv[1:]))
 
 
+def trainer_argv(argv: list[str]) -> list[str]:
+    """The arguments of ``train`` in torchrun's arguments ``argv`` (``... -m trainer train ARGS``)."""
+    for index, (flag, name) in enumerate(zip(argv, argv[1:])):
+        if flag in ("-m", "--module") and name == "trainer":
+            rest = argv[index + 2:]
+            return rest[1:] if rest[:1] == ["train"] else rest
+    return []
+
+
 def any_mistake(failures: dict[Any, Any]) -> bool:
     """Whether any of torchrun's ``{rank: ProcessFailure}`` stopped on a user error (``EXIT_USER_ERROR``)."""
     return any(getattr(failure, "exitcode", None) == EXIT_USER_ERROR for failure in failures.values())
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if warm and runs_the_trainer(sys.argv[1:] if argv is None else argv):
         from trainer.launcher import worker
 
-        worker.start_forkserver()  # before torch's own import here: the two overlap
+        worker.start_forkserver(trainer_argv(sys.argv[1:] if argv is None else argv))  # before torch's own import
     from torch.distributed import run as torchrun
 
     if hold is not None and not released(int(hold)):

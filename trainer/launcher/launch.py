@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from trainer.config import TrainConfig, config_to_args
+from trainer.config import TrainConfig, config_to_args, is_hf
 from trainer.launcher.agent import HOLD_FD_ENV, KEEP_ON_FAILURE_ENV
 
 # Nothing up here imports torch: ``local`` starts its agent before it imports torch itself.
@@ -62,7 +62,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     from trainer.checkpoint.lock import JobLock
     from trainer.checkpoint.marker import require_same_shape
     from trainer.data.loader import TrainingData, check_same_data
-    from trainer.models.build import build_model
+    from trainer.models.build import build_model, check_output
     from trainer.models.sharding import shard_units
 
     cfg.check_world_size(world_size)
@@ -78,9 +78,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         model = build_model(cfg)
     shard_units(model, cfg.shard_modules, cfg.model)
     if cfg.init_from:
-        from trainer.models.init_weights import check_matches, read_model_state
+        from trainer.models.init_weights import check_matches, read_model_state, with_tied_names
 
-        check_matches(model, read_model_state(cfg.init_from), cfg.init_from)
+        state = with_tied_names(model, read_model_state(cfg.init_from, hf_names=is_hf(cfg.model)))
+        check_matches(model, state, cfg.init_from)
+    check_output(model, cfg)  # last: it may move a small model off the meta device
 
 
 def start_held_agent(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:

@@ -63,16 +63,30 @@ def fork_writer() -> None:
     os.environ[FORKED_WRITER_ENV] = f"{trainer_end.detach()}:{pid}"
 
 
-def start_forkserver() -> None:
+def start_forkserver(train_argv: list[str] | None = None) -> None:
     """Start the forkserver the workers are forked from; it imports ``PRELOAD`` in the background
-    (the first fork waits for it). The agent calls this first thing, so those seconds overlap its own
-    imports and the rendezvous instead of following them. The forkserver keeps the environment it
-    started with: what the agent sets later reaches a worker through ``run``'s ``env``."""
+    (the first fork waits for it), and ``transformers`` too when ``train_argv`` trains an ``hf:``
+    model. The agent calls this first thing, so those seconds overlap its own imports and the
+    rendezvous instead of following them. The forkserver keeps the environment it started with:
+    what the agent sets later reaches a worker through ``run``'s ``env``."""
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    extra = ["transformers", "trainer.models.hf"] if trains_hf_model(train_argv or []) else []
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD + extra)
     forkserver.ensure_running()
+
+
+def trains_hf_model(train_argv: list[str]) -> bool:
+    """Whether ``fsdp-train train TRAIN_ARGV`` (flags, environment, ``--config``) trains an ``hf:``
+    model; a command line it cannot read says no (the worker reports it)."""
+    from trainer.config import is_hf, parse_train_args
+    from trainer.errors import UserError
+
+    try:
+        return is_hf(parse_train_args(train_argv).model)
+    except (UserError, SystemExit):
+        return False
 
 
 def run(env: dict[str, str], *argv: str) -> None:

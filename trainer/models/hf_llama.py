@@ -43,8 +43,9 @@ def is_hf_folder(path: str) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("*.safetensors"))
 
 
-def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors folder, under this project's names, in fp32."""
+def read_hf_weights(path: str, rename: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors folder, in fp32, under this project's names (``rename``) or as
+    saved."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -54,5 +55,5 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
             tensors = load_file(str(file))
         except (SafetensorError, OSError) as exc:
             raise UserError(f"--init-from {file}: not a readable safetensors file ({exc})") from None
-        state.update({from_hf_name(name): tensor.float() for name, tensor in tensors.items()})
+        state.update({from_hf_name(name) if rename else name: tensor.float() for name, tensor in tensors.items()})
     return state

@@ -12,7 +12,8 @@ from trainer.errors import UserError
 
 def shard_units(model: nn.Module, pattern: str | None, spec: str) -> list[nn.Module]:
     """What FSDP2 shards below the root, innermost first: ``model.shard_units()`` when it exists,
-    else the modules whose FQNs match ``pattern``, else the entries of its ``ModuleList`` children."""
+    else the modules whose FQNs match ``pattern``, else the blocks a ``transformers`` model names in
+    ``_no_split_modules`` (its decoder layers), else the entries of its ``ModuleList`` children."""
     if hasattr(model, "shard_units"):
         return list(model.shard_units())
     if pattern:
@@ -23,6 +24,9 @@ def shard_units(model: nn.Module, pattern: str | None, spec: str) -> list[nn.Mod
             raise UserError(f"--shard-modules {pattern}: matches no module of --model {spec} (its modules "
                             f"start {names}); pass a glob over those names")
         return units
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if blocks:
+        return [module for module in reversed(list(model.modules())) if type(module).__name__ in blocks]
     return [entry for child in model.children() if isinstance(child, nn.ModuleList) for entry in child]
 
 

@@ -18,7 +18,7 @@ from trainer.config import TrainConfig, config_from_record
 from trainer.data.dataset import open_dataset
 from trainer.data.tokenizer import Tokenizer, dataset_tokenizer, open_tokenizer
 from trainer.errors import UserError
-from trainer.models.build import build_model
+from trainer.models.build import build_model, logits_of
 from trainer.models.toy import TOY_IN
 
 
@@ -82,7 +82,7 @@ def run(model: nn.Module, cfg: TrainConfig, inputs: torch.Tensor, generate: int 
     generator = torch.Generator().manual_seed(seed)
     tokens = inputs
     for _ in range(max(1, generate)):
-        logits = model(tokens[:, -cfg.seq_len:])[:, -1]
+        logits = logits_of(model(tokens[:, -cfg.seq_len:]), cfg.model)[:, -1]
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator)
