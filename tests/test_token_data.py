@@ -142,8 +142,23 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path):
 
 def test_the_cli_prepares_a_dataset_and_names_a_bad_one(tmp_path):
     src = write_texts(tmp_path / "src", DOCS)
-    proc = run_cli("prepare-data", str(src), "--out", str(tmp_path / "ds"), check=True)
+    for index in range(17):  # files a folder holds that are not text by their name: left out, and said so
+        (src / f"NOTES{index}").write_text("not read")
+    (src / "draft.txt").write_text("excluded")
+    proc = run_cli("prepare-data", str(src), "--out", str(tmp_path / "ds"), "--exclude", "*draft*", "--val-fraction",
+                   "0.1", check=True)
     assert "training and" in proc.stdout and "from 40 documents (uint16, vocabulary 257)" in proc.stdout
+    assert ("prepare-data: warning: left out 18 file(s) under the input folders: 17 with no known extension "
+            "(e.g. NOTES0, NOTES1, NOTES10; add --glob PATTERN") in proc.stderr and "1 by --exclude" in proc.stderr
+    skipped = json.loads((tmp_path / "ds" / DATASET_FILE).read_text())["skipped_files"]
+    assert {reason: entry["count"] for reason, entry in skipped.items()} == {"no known extension": 17,
+                                                                            "--exclude": 1}
+    assert "no held-out tokens" not in proc.stderr
+    proc = run_cli("prepare-data", str(src), "--out", str(tmp_path / "no-val"), "--val-fraction", "0", check=True)
+    assert "warning: no held-out tokens (--val-fraction 0 over 41 documents)" in proc.stderr  # draft.txt too
+    again = run_cli("prepare-data", str(src), "--out", str(tmp_path / "ds"), "--skip-if-prepared", check=True)
+    assert "already holds a complete dataset" in again.stdout, "a prepared dataset is not prepared again"
+    assert "already holds a dataset" in run_cli("prepare-data", str(src), "--out", str(tmp_path / "ds")).stderr
     proc = run_cli("prepare-data", str(tmp_path / "nope"), "--out", str(tmp_path / "ds2"))
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "no such file or folder" in proc.stderr
 
@@ -172,3 +187,57 @@ def test_training_data_refuses_what_cannot_train(tmp_path):
 def test_micro_batch_size_zero_is_refused_in_one_line():
     proc = run_cli("train", "--micro-batch-size", "0")
     assert proc.returncode == 2 and "--micro-batch-size must be >= 1 (got 0)" in proc.stderr
+
+
+def large_text(chars: int) -> str:
+    """Code-like text with long lines, runs of spaces and blank lines, digits and multi-byte characters."""
+    lines, index, size = [], 0, 0
+    while size < chars:
+        index += 1
+        lines.append(f"def f{index}(x):  # héllo wörld € {index * 7919}\n    return x * {index}   \n\n"
+                     + "word " * (index % 40) + "\n")
+        size += len(lines[-1])
+    return "".join(lines)
+
+
+def test_a_large_text_file_is_read_in_pieces_with_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    from trainer.data import sources
+    from trainer.data.tokenizer import FileTokenizer
+
+    monkeypatch.setattr(sources, "PIECE_CHARS", 4096)
+    text = large_text(6 * 4096)
+    (tmp_path / "src").mkdir()
+    big = tmp_path / "src" / "big.txt"
+    big.write_text(text)
+    pieces = list(sources.DocumentReader(SourceOptions()).pieces([big]))
+    assert len(pieces) >= 6 and [p.ends_document for p in pieces].count(True) == 1
+    assert "".join(p.text for p in pieces) == text
+    for name, options in (("bytes", {}), ("bpe", {"train_tokenizer": 400})):
+        out = tmp_path / name
+        manifest = prepare(PrepareOptions([str(big)], out, val_fraction=0.0, workers=1, **options))
+        info = open_dataset(out)
+        tokenizer = ByteTokenizer() if name == "bytes" else FileTokenizer(out / "tokenizer.json")
+        assert name == "bytes" or tokenizer.reads_in_pieces(), "our BPE is byte-level with no prefix: pieces are exact"
+        expected = np.append(tokenizer.encode_batch([text])[0], info.eos_id)
+        written = np.fromfile(out / "train.bin", dtype=info.dtype)
+        assert np.array_equal(written, expected), f"{name}: the pieces' tokens differ from the whole file's"
+        assert manifest["documents"]["train"] == 1
+
+
+def test_preparing_a_large_text_file_keeps_memory_flat(tmp_path):
+    import tracemalloc
+
+    from trainer.data.sources import PIECE_CHARS
+
+    peaks = {}
+    for pieces in (4, 16):  # read whole, 12 more pieces would add about 12 x 4 MiB x 4 (bytes, text, tokens)
+        source = tmp_path / f"{pieces}.txt"
+        source.write_text(large_text(pieces * PIECE_CHARS))
+        tracemalloc.start()
+        try:
+            prepare(PrepareOptions([str(source)], tmp_path / f"{pieces}-out", val_fraction=0.0, workers=1))
+            peaks[pieces] = tracemalloc.get_traced_memory()[1] >> 20  # Python and numpy allocations, MB
+        finally:
+            tracemalloc.stop()
+    print(f"\nprepare-data peak memory: {peaks[4]} MB for a file of 4 pieces, {peaks[16]} MB for 16")
+    assert peaks[16] - peaks[4] < PIECE_CHARS >> 20, peaks

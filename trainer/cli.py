@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -53,14 +54,21 @@ def add_prepare_data(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of whole documents held out for evaluation (default 0.01)")
     parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per CPU, at most 8)")
+    parser.add_argument("--skip-if-prepared", action="store_true", help="exit 0 without reading anything when --out "
+                        "already holds a complete dataset (its dataset.json, written last): a job that prepares its "
+                        "data on every start does it once")
 
 
 def prepare_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from trainer.data.dataset import DATASET_FILE
     from trainer.data.prepare import PrepareOptions, prepare
-    from trainer.data.sources import NonUtf8, SourceOptions
+    from trainer.data.sources import NonUtf8, SourceOptions, skip_report
 
+    if args.skip_if_prepared and (Path(args.out) / DATASET_FILE).is_file():
+        print(f"{args.out}: already holds a complete dataset ({DATASET_FILE}); nothing to do")
+        return 0
     sources = SourceOptions(args.text_field, tuple(args.glob), tuple(args.exclude), NonUtf8(args.non_utf8))
     manifest = prepare(PrepareOptions(args.inputs, Path(args.out), args.tokenizer, args.train_tokenizer,
                                       args.val_fraction, args.workers, sources))
@@ -68,6 +76,12 @@ def prepare_data(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest['tokens']['train']:,} training and {manifest['tokens']['val']:,} held-out "
           f"tokens from {sum(manifest['documents'].values()):,} documents ({manifest['dtype']}, vocabulary "
           f"{manifest['vocab_size']}){skipped} in {manifest['seconds']:.1f}s")
+    if report := skip_report(manifest["skipped_files"]):
+        print(f"prepare-data: warning: {report}", file=sys.stderr)
+    if manifest["tokens"]["val"] == 0:
+        print(f"prepare-data: warning: no held-out tokens (--val-fraction {args.val_fraction:g} over "
+              f"{sum(manifest['documents'].values())} documents), so --eval-every has nothing to evaluate; raise "
+              "--val-fraction or add documents", file=sys.stderr)
     return 0
 
 
@@ -214,9 +228,9 @@ def convert(args: argparse.Namespace) -> int:
 
 # ---- export-hf ------------------------------------------------------------------------------------
 def add_export_hf(commands: argparse._SubParsersAction) -> None:
-    parser = _add(commands, "export-hf", export_hf, "write the transformer of a checkpoint as a Hugging Face "
-                  "LlamaForCausalLM folder (safetensors, config.json, tokenizer)")
-    parser.add_argument("checkpoint", metavar="CKPT")
+    parser = _add(commands, "export-hf", export_hf, "write the model of a checkpoint as a Hugging Face folder "
+                  "(safetensors, config.json, tokenizer): the transformer as LlamaForCausalLM, an hf: model as itself")
+    parser.add_argument("checkpoint", metavar="CKPT", help="a committed checkpoint, or a run's folder (its newest)")
     parser.add_argument("out", metavar="OUTDIR", help="new or empty folder")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default fp32)")
     parser.add_argument("--max-shard-bytes", type=int, default=2 << 30,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DATASET_FILE = "dataset.json"
 FORMAT_VERSION = 1
@@ -144,6 +146,7 @@ class TokenWindows:
 
     def batch(self, first_index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets for samples ``first_index .. first_index + count - 1``."""
+        import torch  # here: prepare-data and the offline tools read datasets without it
         length = self.seq_len + 1
         rows = np.empty((count, length), dtype=np.int64)
         for row, index in enumerate(range(first_index, first_index + count)):

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.dataset import DATASET_FILE, FORMAT_VERSION, SPLITS, token_dtype
-from trainer.data.sources import DocumentReader, SourceOptions, discover
+from trainer.data.sources import DocumentReader, Found, Piece, SourceOptions, discover
 from trainer.data.tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, open_tokenizer, train_bpe
 from trainer.errors import UserError
 
@@ -60,12 +60,14 @@ class SplitWriter:
         self.tokens = 0
         self.documents = 0
 
-    def append(self, tokens: np.ndarray, eos_id: int) -> None:
-        data = np.append(tokens.astype(self.dtype, copy=False), np.asarray([eos_id], dtype=self.dtype)).tobytes()
+    def append(self, tokens: np.ndarray, eos_id: int | None) -> None:
+        """A document's tokens, or a piece's: ``eos_id`` None means the document goes on."""
+        ending = [] if eos_id is None else [eos_id]
+        data = np.append(tokens.astype(self.dtype, copy=False), np.asarray(ending, dtype=self.dtype)).tobytes()
         self.file.write(data)
         self.sha256.update(data)
-        self.tokens += len(tokens) + 1
-        self.documents += 1
+        self.tokens += len(tokens) + len(ending)
+        self.documents += len(ending)
 
     def close(self) -> None:
         self.file.close()
@@ -84,12 +86,12 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
     return _worker_tokenizer.encode_batch(texts)
 
 
-def _chunks(documents: Iterator[str], progress: tqdm) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(pieces: Iterator[Piece], progress: tqdm) -> Iterator[list[Piece]]:
+    chunk: list[Piece] = []
     size = 0
-    for text in documents:
-        chunk.append(text)
-        size += len(text)
+    for piece in pieces:
+        chunk.append(piece)
+        size += len(piece.text)
         if size >= CHUNK_CHARS:
             progress.update(size)
             yield chunk
@@ -99,22 +101,25 @@ def _chunks(documents: Iterator[str], progress: tqdm) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded(chunks: Iterator[list[str]], tokenizer_name: str, workers: int) -> Iterator[list[np.ndarray]]:
-    """The token arrays of each chunk, in order, with at most a few chunks in flight. The byte
-    tokenizer is a memory copy: shipping text to other processes would cost more than it saves."""
+def _encoded(chunks: Iterator[list[Piece]], tokenizer_name: str, workers: int) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Each piece with its tokens, in order, with at most a few chunks in flight. The byte tokenizer
+    is a memory copy: shipping text to other processes would cost more than it saves."""
     if tokenizer_name == BYTES or workers == 1:
         _init_worker(tokenizer_name)
-        yield from map(_encode, chunks)
+        for chunk in chunks:
+            yield from zip(chunk, _encode([piece.text for piece in chunk]))
         return
     context = multiprocessing.get_context("spawn")  # no forked copy of a parent's threads or big state
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode, (chunk,)))
+            pending.append((chunk, pool.apply_async(_encode, ([piece.text for piece in chunk],))))
             if len(pending) >= workers * CHUNKS_AHEAD_PER_WORKER:
-                yield pending.popleft().get()
+                done, result = pending.popleft()
+                yield from zip(done, result.get())
         while pending:
-            yield pending.popleft().get()
+            done, result = pending.popleft()
+            yield from zip(done, result.get())
 
 
 def prepare(options: PrepareOptions) -> dict[str, Any]:
@@ -126,12 +131,12 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         raise UserError(f"--out {out}: already holds a dataset (or is a file); remove it or pick another folder")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out}: the folder is not empty; pick a new or empty folder")
-    files = discover(options.inputs, options.sources)
+    found = discover(options.inputs, options.sources)
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        manifest = _write(options, files, scratch)
+        manifest = _write(options, found, scratch)
         if out.is_dir():
             out.rmdir()
         os.replace(scratch, out)
@@ -140,29 +145,28 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     return manifest
 
 
-def _write(options: PrepareOptions, files: list[Path], scratch: Path) -> dict[str, Any]:
-    started = time.perf_counter()
-    reader = DocumentReader(options.sources)
+def _write(options: PrepareOptions, found: Found, scratch: Path) -> dict[str, Any]:
+    started, files = time.perf_counter(), found.files
     tokenizer_name = options.tokenizer
     if options.train_tokenizer is not None:
-        tokenizer = train_bpe(reader.documents(files), options.train_tokenizer, scratch / TOKENIZER_FILE)
-        reader = DocumentReader(options.sources)  # the second pass counts the skipped files again
+        texts = DocumentReader(options.sources).documents(files)  # a large file's pieces train it as well
+        tokenizer = train_bpe(texts, options.train_tokenizer, scratch / TOKENIZER_FILE)
         tokenizer_name = str(scratch / TOKENIZER_FILE)
     else:
         tokenizer = open_tokenizer(tokenizer_name)
         if tokenizer_name != BYTES:
             shutil.copyfile(tokenizer_name, scratch / TOKENIZER_FILE)
+    reader = DocumentReader(options.sources, in_pieces=tokenizer.reads_in_pieces())
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: SplitWriter(scratch / f"{split}.bin", dtype) for split in SPLITS}
     workers = options.workers or min(8, os.cpu_count() or 1)
     total_bytes = sum(path.stat().st_size for path in files)
     index = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare-data", dynamic_ncols=True) as progress:
-        for encoded in _encoded(_chunks(reader.documents(files), progress), tokenizer_name, workers):
-            for tokens in encoded:
-                split = "val" if is_val_document(index, options.val_fraction) else "train"
-                writers[split].append(tokens, tokenizer.eos_id)
-                index += 1
+        for piece, tokens in _encoded(_chunks(reader.pieces(files), progress), tokenizer_name, workers):
+            split = "val" if is_val_document(index, options.val_fraction) else "train"
+            writers[split].append(tokens, tokenizer.eos_id if piece.ends_document else None)
+            index += piece.ends_document
     for writer in writers.values():
         writer.close()
     if writers["train"].documents == 0:
@@ -173,6 +177,8 @@ def _write(options: PrepareOptions, files: list[Path], scratch: Path) -> dict[st
         "tokens": {split: w.tokens for split, w in writers.items()},
         "documents": {split: w.documents for split, w in writers.items()},
         "skipped_non_utf8": reader.skipped,
+        "skipped_files": {reason: {"count": len(paths), "first": [str(path) for path in paths[:3]]}
+                          for reason, paths in found.skipped.items() if paths},
         "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size} for path in files],
         "sha256": {f"{split}.bin": w.sha256.hexdigest() for split, w in writers.items()},
         "seconds": round(time.perf_counter() - started, 2),

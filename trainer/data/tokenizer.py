@@ -8,6 +8,7 @@ library (Rust, no code runs from it).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ class Tokenizer(Protocol):
 
     def spec(self) -> dict[str, Any]: ...
 
+    def reads_in_pieces(self) -> bool: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, and 256 for end-of-document: nothing to download or train."""
@@ -46,6 +49,10 @@ class ByteTokenizer:
 
     def spec(self) -> dict[str, Any]:
         return {"kind": BYTES, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+    def reads_in_pieces(self) -> bool:
+        """Bytes are bytes wherever a text is cut."""
+        return True
 
 
 class FileTokenizer:
@@ -72,6 +79,20 @@ class FileTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def reads_in_pieces(self) -> bool:
+        """Whether a large text cut at ``sources.safe_cut`` tokenizes exactly as the whole: a byte-level
+        BPE that adds no prefix to each input and whose normalizer cannot join across a cut (none, or
+        NFC). Other tokenizers (a SentencePiece prefix, say) read such a file whole."""
+        config = json.loads(self.path.read_text())
+        normalizer = config.get("normalizer")
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            return False
+        pre = config.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        byte_level = [part for part in parts if part.get("type") == "ByteLevel"]
+        return (bool(byte_level) and all(part.get("type") in ("ByteLevel", "Split", "Digits") for part in parts)
+                and not any(part.get("add_prefix_space") for part in byte_level))
 
     def spec(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
