@@ -152,3 +152,16 @@ def test_plot_writes_a_png_of_the_requested_size(lm_run, tmp_path):
     header = out.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", header[16:24]) == (400, 200)
+
+
+def test_resume_labels_a_few_steps_apart_share_one_label():
+    from trainer.tools.monitor import resume_labels
+
+    def resume(step, before, after):
+        return {"resumed_from": {"step": step, "world_size": before}, "world_size": after}
+
+    resumes = [resume(500, 1, 2), resume(10, 2, 3), resume(14, 3, 2), resume(12, 3, 3)]
+    labels = resume_labels(resumes, span_steps=1000, axis_px=600)  # 20 steps per 12-px label
+    assert labels == [(10, "3 resumes (steps 10-14): world 2\u21923, 3\u21923, 3\u21922"),
+                      (500, "resume: world 1\u21922")]
+    assert len(resume_labels(resumes, span_steps=10, axis_px=600)) == 4, "far enough apart on a short run"

@@ -150,6 +150,32 @@ def watch(directory: str, poll: float = 1.0, timeout: float | None = None) -> in
         bar.close()
 
 
+def resume_labels(resumes: list[dict], span_steps: int, axis_px: float,
+                  label_px: float = 12.0) -> list[tuple[int, str]]:
+    """(step, text) of the resume labels: resumes closer together than a label's width on the axis
+    share one label at the first of them, so no two labels overlap."""
+    min_gap = span_steps * label_px / axis_px
+    groups: list[list[dict]] = []
+    for resume in sorted(resumes, key=lambda r: r["resumed_from"]["step"]):
+        if groups and resume["resumed_from"]["step"] - groups[-1][-1]["resumed_from"]["step"] < min_gap:
+            groups[-1].append(resume)
+        else:
+            groups.append([resume])
+
+    def world(resume: dict) -> str:
+        return f"{resume['resumed_from']['world_size']}\u2192{resume['world_size']}"
+
+    labels = []
+    for group in groups:
+        first = group[0]["resumed_from"]["step"]
+        if len(group) == 1:
+            labels.append((first, f"resume: world {world(group[0])}"))
+        else:
+            labels.append((first, f"{len(group)} resumes (steps {first}-{group[-1]['resumed_from']['step']}): world "
+                                  + ", ".join(world(r) for r in group)))
+    return labels
+
+
 def plot(directory: str, output: str, width: float = 10.0, height: float = 5.0, dpi: int = 100) -> None:
     import matplotlib
 
@@ -171,11 +197,12 @@ def plot(directory: str, output: str, width: float = 10.0, height: float = 5.0, 
     if points:
         axes.scatter(*zip(*points), color="tab:green", zorder=3, s=24, label="committed checkpoint")
     top = max([*loss_at.values(), *(e["loss"] for e in run.evals)])
+    steps = [s["step"] for s in run.steps]
     for resume in run.resumes:
-        step = resume["resumed_from"]["step"]
-        axes.axvline(step, color="tab:red", ls="--", lw=1)
-        axes.annotate(f"resume: world {resume['resumed_from']['world_size']}\u2192{resume['world_size']}",
-                      (step, top), rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
+        axes.axvline(resume["resumed_from"]["step"], color="tab:red", ls="--", lw=1)
+    # an axis of width x dpi pixels, most of it plot area; a rotated 8-point label is about 12 px wide
+    for step, text in resume_labels(run.resumes, max(steps) - min(steps) or 1, width * dpi * 0.75):
+        axes.annotate(text, (step, top), rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(f"training loss ({Path(directory).resolve().name})")
