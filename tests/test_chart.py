@@ -4,11 +4,13 @@ trainer and torchrun accept, scaling that leaves the pod template alone, bad val
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -160,6 +162,16 @@ def test_every_ci_combination_renders_valid_objects(helm, values):
     assert labels.get("kueue.x-k8s.io/queue-name") == (queue or None)
     if kind != "PyTorchJob":
         assert workload["spec"].get("suspend") == (True if queue else None), "Kueue starts a suspended workload"
+    trainer = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
+    if "own-model" in values.name:  # the user's model, from a package on a mounted folder, on their data
+        from trainer.config import is_plugin
+
+        assert is_plugin(trainer["model"]), trainer["model"]
+        package_root = settings["pythonPath"][0]
+        assert any(m["mountPath"] == package_root for m in container["volumeMounts"]), "the package is mounted"
+        assert trainer["data"].startswith(settings["data"]["mountPath"])
+    else:
+        assert trainer["model"] == "transformer" and "data" not in trainer
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -401,7 +413,12 @@ BAD_VALUES = [
     (["workload.kind=PyTorchJob", "kueue.queueName=team-a"],
      "kueue.queueName cannot be used with workload.kind=PyTorchJob"),
     (["kueue.queueName=Team_A"], "/kueue/queueName"),
-    (["data.existingClaim=ds", "trainer.data=/elsewhere"], "trainer.data is set by data.existingClaim"),
+    (["data.existingClaim=ds", "trainer.vocab_size=257", "trainer.data=/elsewhere"],
+     "trainer.data is set by data.existingClaim"),
+    (["trainer.max_step=10"], "additional properties 'max_step' not allowed"),
+    (["trainer.max_steps=ten"], "/trainer/max_steps"),
+    (["trainer.mixed_precision=fp16"], "/trainer/mixed_precision"),
+    (["trainer.checkpoint_every=5"], "additional properties 'checkpoint_every' not allowed"),
     (["data.mountPath=data"], "/data/mountPath"),
     (["pythonPath={models}"], "/pythonPath/0"),
     (["extraEnv[0].name=PYTHONPATH", "extraEnv[0].value=/x"], "/extraEnv/0/name"),
@@ -415,7 +432,7 @@ def test_bad_values_are_rejected_with_a_message(helm, sets, message):
     assert message in render_error(helm, *sets)
 
 
-def test_readme_values_table_is_generated_from_values_yaml(tmp_path):
+def test_the_values_table_is_generated_from_values_yaml(tmp_path):
     check = [sys.executable, str(ROOT / "hack" / "values_table.py"), "--check"]
     proc = subprocess.run(check, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -480,11 +497,11 @@ def snapshot_volume(docs: list[dict]) -> dict | None:
 
 
 def test_the_memory_tier_volume_is_sized_from_the_model_and_counted_in_memory(helm):
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, with_preset
     from trainer.models.build import build_model
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    cfg = TrainConfig(**values["trainer"])
+    cfg = TrainConfig(**with_preset(values["trainer"]))
     params = sum(p.numel() for p in build_model(cfg).parameters())
     for min_replicas in (1, 2):
         docs = render(helm, f"elastic.minReplicas={min_replicas}", "replicas=2")
@@ -507,8 +524,62 @@ def test_the_memory_tier_volume_is_sized_from_the_model_and_counted_in_memory(he
 
 @pytest.mark.parametrize(("sets", "message"), [
     (["trainer.model=mypkg.models:build"], "memoryTier.sizeLimit: set it for your own model"),
-    (["trainer.preset=small"], "memoryTier.sizeLimit: set it when trainer.preset is used"),
+    (["data.existingClaim=team-data"], "memoryTier.sizeLimit: set trainer.vocab_size to your dataset's vocabulary"),
 ])
 def test_a_model_the_chart_cannot_size_needs_the_snapshot_size_given(helm, sets, message):
     assert message in render_error(helm, *sets)
     render(helm, *sets, "memoryTier.sizeLimit=2Gi")
+
+
+def test_a_preset_is_not_masked_by_the_charts_defaults_and_sizes_the_memory_tier(helm):
+    """The chart's sizes come from a preset, so another preset takes effect (sizes given as well win),
+    and its table of presets is the trainer's: each preset's memory volume fits that model."""
+    from trainer.config import PRESETS, TrainConfig, with_preset
+    from trainer.models.build import build_model
+
+    def trained(*sets: str) -> tuple[TrainConfig, int]:
+        docs = render(helm, *sets)
+        settings = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
+        return TrainConfig(**with_preset(settings)), int(snapshot_volume(docs)["emptyDir"]["sizeLimit"])
+
+    for preset, sizes in PRESETS.items():
+        cfg, limit = trained(f"trainer.preset={preset}")
+        assert {name: getattr(cfg, name) for name in sizes} == sizes, preset
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_model(cfg).parameters())
+        assert limit == 24 * params * 5 // 4 + 64 * 2**20, preset
+    cfg, _ = trained("trainer.preset=small", "trainer.d_model=128")
+    assert (cfg.d_model, cfg.n_layers) == (128, PRESETS["small"]["n_layers"]), "a size given as well wins"
+
+
+def test_the_trainer_schema_is_generated_from_train_config():
+    proc = subprocess.run([sys.executable, str(ROOT / "hack" / "trainer_schema.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["trainer"]
+    assert schema["additionalProperties"] is False and "max_steps" in schema["properties"]
+
+
+def test_the_dataset_is_prepared_once_by_a_hook_job_before_the_workers(helm):
+    from trainer.cli import build_parser
+
+    sets = ["data.existingClaim=team-data", "data.subPath=wiki", "trainer.vocab_size=300",
+            "data.prepare.enabled=true", "data.prepare.sourceClaim=raw-text", "data.prepare.sourcePath=wiki/",
+            "data.prepare.args={--train-tokenizer,300}"]
+    docs = render(helm, *sets)
+    job = next(doc for doc in by_kind(docs, "Job") if doc["metadata"]["name"].endswith("-prepare-data"))
+    validate(job)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade", "before the workers, each time"
+    pod = job["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    args = build_parser().parse_args(command[1:])
+    assert command[0] == "fsdp-train" and args.inputs == ["/source/wiki"] and args.out == "/data/wiki"
+    assert args.skip_if_prepared and args.train_tokenizer == 300, "prepared once: a complete dataset is kept"
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
+    assert mounts["source"]["readOnly"] and claims["source"]["claimName"] == "raw-text"
+    assert not mounts["data"].get("readOnly") and claims["data"]["claimName"] == "team-data"
+    trainer = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
+    assert trainer["data"] == args.out, "the workers read what the Job wrote"
+    assert "data.prepare.enabled needs" in render_error(helm, *sets[:3], "data.prepare.enabled=true")
+    assert not [doc for doc in by_kind(render(helm), "Job") if doc["metadata"]["name"].endswith("-prepare-data")]

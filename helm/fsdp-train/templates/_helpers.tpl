@@ -106,6 +106,11 @@ labels:
 {{- if and .Values.data.existingClaim (hasKey .Values.trainer "data") }}
 {{- fail "trainer.data is set by data.existingClaim and data.mountPath; remove it from trainer" }}
 {{- end }}
+{{- with .Values.data.prepare }}
+{{- if and .enabled (not (and $.Values.data.existingClaim $.Values.data.subPath .sourceClaim)) }}
+{{- fail "data.prepare.enabled needs data.existingClaim and data.subPath (where the dataset goes) and data.prepare.sourceClaim (where the raw files are)" }}
+{{- end }}
+{{- end }}
 {{- if hasKey .Values.trainer "checkpoint_dir" }}
 {{- fail "trainer.checkpoint_dir is set by checkpoint.dir; remove it from trainer" }}
 {{- end }}
@@ -400,10 +405,23 @@ volumes:
 {{- end }}
 
 {{/*
+The built-in transformer's size presets (trainer.preset): TrainConfig's PRESETS, which a test keeps
+this table equal to.
+*/}}
+{{- define "fsdp-train.presets" -}}
+tiny: {d_model: 64, n_layers: 2, n_heads: 4, seq_len: 64}
+small: {d_model: 256, n_layers: 4, n_heads: 8, seq_len: 256}
+125m: {d_model: 768, n_layers: 12, n_heads: 12, seq_len: 1024}
+1b: {d_model: 2048, n_layers: 16, n_heads: 32, seq_len: 2048}
+{{- end }}
+
+{{/*
 Size limit of the snapshots volume: memoryTier.sizeLimit, or, for the built-in models, two snapshots of
 each local rank's share of the state (weights + two AdamW moments, fp32: 12 bytes per parameter, twice)
-when the job runs on its fewest pods (elastic.minReplicas), plus 25% and 64Mi of headroom. Your own
-model's size is unknown here: it must be set.
+when the job runs on its fewest pods (elastic.minReplicas), plus 25% and 64Mi of headroom. The sizes are
+trainer's, over its preset's, over the trainer's defaults; the vocabulary is trainer.vocab_size, or
+256 ids of synthetic data (a dataset's vocabulary is unknown here: it must be given). Your own model's
+size is unknown here too: the limit must be set.
 */}}
 {{- define "fsdp-train.snapshotSizeLimit" -}}
 {{- $v := .Values -}}
@@ -412,14 +430,18 @@ model's size is unknown here: it must be set.
 {{- else -}}
 {{- $t := $v.trainer -}}
 {{- $model := $t.model | default "toy" -}}
-{{- if $t.preset -}}
-{{- fail "memoryTier.sizeLimit: set it when trainer.preset is used (2 x 12 bytes per parameter / elastic.minReplicas, plus headroom)" -}}
-{{- end -}}
 {{- $params := 408 -}}
 {{- if eq $model "transformer" -}}
-{{- $d := int ($t.d_model | default 64) -}}
-{{- $layers := int ($t.n_layers | default 2) -}}
-{{- $vocab := int ($t.vocab_size | default 256) -}}
+{{- $preset := dict -}}
+{{- if $t.preset -}}
+{{- $preset = index (include "fsdp-train.presets" . | fromYaml) (toString $t.preset) | default dict -}}
+{{- end -}}
+{{- if and $v.data.existingClaim (not $t.vocab_size) -}}
+{{- fail "memoryTier.sizeLimit: set trainer.vocab_size to your dataset's vocabulary (vocab_size in its dataset.json), or memoryTier.sizeLimit" -}}
+{{- end -}}
+{{- $d := int (coalesce $t.d_model (get $preset "d_model") 64) -}}
+{{- $layers := int (coalesce $t.n_layers (get $preset "n_layers") 2) -}}
+{{- $vocab := int (coalesce $t.vocab_size 256) -}}
 {{- $hidden := mul (div (add (mul 2 (int ($t.ffn_mult | default 4)) $d) 23) 24) 8 -}}
 {{- $params = add (mul 2 $vocab $d) (mul $layers (add (mul 4 $d $d) (mul 3 $d $hidden) (mul 2 $d))) $d -}}
 {{- else if ne $model "toy" -}}
