@@ -40,10 +40,10 @@ test: install ## run the whole test suite
 unit: install ## the fast tests only: no torchrun, no Docker, no kind (under 2 minutes)
 	$(BIN)/python -m pytest -m "not torchrun and not docker and not kind" $(PYTEST_ARGS)
 
-lint: install ## ruff, shellcheck on hack/ and .ci/, helm lint --strict (every ci/*-values.yaml), values table
+lint: install ## ruff, shellcheck, helm lint --strict (every ci/*-values.yaml), values table, trainer schema, doc links
 	hack/lint.sh $(VENV)
 
-values-table: install ## regenerate README's chart values table from helm/fsdp-train/values.yaml
+values-table: install ## regenerate the chart values table in docs/kubernetes.md from helm/fsdp-train/values.yaml
 	$(BIN)/python hack/values_table.py
 
 bench: install ## checkpoint (1.5 GB, 2 ranks), training speed vs a plain loop, overhead, recovery, goodput (~35 min)

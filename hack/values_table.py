@@ -1,8 +1,8 @@
-"""The chart's values table in README.md, generated from the `# --` comments in values.yaml.
+"""The chart's values table in docs/kubernetes.md, generated from the `# --` comments in values.yaml.
 
 A key with a `# --` comment right above it is one row: its dotted path, its default (the parsed
 value, as YAML flow) and the comment. Mappings without such a comment are only a prefix of their
-children's paths. `python hack/values_table.py` rewrites the table between the README markers;
+children's paths. `python hack/values_table.py` rewrites the table between the page's markers;
 `--check` exits 1 naming what differs (make lint runs it, and so does a test).
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = ROOT / "helm" / "fsdp-train" / "values.yaml"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "kubernetes.md"
 BEGIN, END = "<!-- values-table:begin -->", "<!-- values-table:end -->"
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_]+):")
 
@@ -90,7 +90,7 @@ def table(values_text: str) -> str:
 
 def with_table(readme: str, generated: str) -> str:
     if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} markers around the values table")
+        raise SystemExit(f"{README.relative_to(ROOT)} has no {BEGIN} ... {END} markers around the values table")
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{generated}\n{END}{tail}"
@@ -98,7 +98,7 @@ def with_table(readme: str, generated: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when README.md's table is not up to date")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the table in docs/kubernetes.md is stale")
     parser.add_argument("--values", type=Path, default=VALUES, help=argparse.SUPPRESS)
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
