@@ -351,7 +351,6 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     return config
 
 
-
 def with_preset(values: dict[str, Any]) -> dict[str, Any]:
     """The preset's sizes under the settings given explicitly (in any layer)."""
     preset = values.get("preset")

@@ -279,10 +279,11 @@ def give_up_reason(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     hold = os.environ.pop(HOLD_FD_ENV, None)  # not for the forkserver's environment
     warm = os.environ.get(WARM_START_ENV, "1") != "0"
-    if warm and runs_the_trainer(sys.argv[1:] if argv is None else argv):
+    torchrun_argv = sys.argv[1:] if argv is None else argv
+    if warm and runs_the_trainer(torchrun_argv):
         from trainer.launcher import worker
 
-        worker.start_forkserver(trainer_argv(sys.argv[1:] if argv is None else argv))  # before torch's own import
+        worker.start_forkserver(trainer_argv(torchrun_argv))  # before torch's own import: the two overlap
     from torch.distributed import run as torchrun
 
     if hold is not None and not released(int(hold)):

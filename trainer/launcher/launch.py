@@ -78,10 +78,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         model = build_model(cfg)
     shard_units(model, cfg.shard_modules, cfg.model)
     if cfg.init_from:
-        from trainer.models.init_weights import check_matches, read_model_state, with_tied_names
+        from trainer.models.init_weights import initial_state
 
-        state = with_tied_names(model, read_model_state(cfg.init_from, hf_names=is_hf(cfg.model)))
-        check_matches(model, state, cfg.init_from)
+        initial_state(model, cfg.init_from, hf_names=is_hf(cfg.model))
     check_output(model, cfg)  # last: it may move a small model off the meta device
 
 

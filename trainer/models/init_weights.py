@@ -64,7 +64,14 @@ def check_matches(model: nn.Module, state: dict[str, torch.Tensor], path: str) -
         raise UserError(f"--init-from {Path(path).name}: shapes differ for {wrong[:3]}; check the model flags")
 
 
-def load_initial_weights(model: nn.Module, path: str, hf_names: bool = False) -> None:
+def initial_state(model: nn.Module, path: str, hf_names: bool = False) -> dict[str, torch.Tensor]:
+    """``--init-from``'s weights, tied names filled in, checked against ``model`` (the preflight's
+    meta model or a worker's)."""
     state = with_tied_names(model, read_model_state(path, hf_names))
     check_matches(model, state, path)
+    return state
+
+
+def load_initial_weights(model: nn.Module, path: str, hf_names: bool = False) -> None:
+    state = initial_state(model, path, hf_names)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
