@@ -17,8 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from trainer.launcher.worker import NAME_PREFIX
 from trainer.metrics.records import read_metrics
+
+MAKE_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+def job_settings(config: str | Path | None) -> dict[str, Any]:
+    """The settings of a bench's job: ``config`` (a YAML file), by default ``make train``'s."""
+    return yaml.safe_load(Path(config or MAKE_TRAIN_CONFIG).read_text())
+
 
 # torchrun's agent logs in glog format: "W1201 12:52:04.129000 3972 .../api.py:1028] message"
 AGENT_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+ (\S+)\] (.*)$")

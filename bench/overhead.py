@@ -1,13 +1,14 @@
 """Training overhead of checkpointing: steps/s with an async checkpoint every 10 steps, and with a
 memory snapshot after every step, vs neither.
 
-``python -m bench.overhead [--pairs 30] [--json FILE]`` trains the ``make train`` model on 2 CPU
-ranks in one torchrun job, in blocks of 10 steps. A third of the blocks take one async checkpoint
-after their first step (what ``--checkpoint-every 10`` does), a third a memory snapshot after each
-step (what ``--snapshot-every 1``, the default, does; in ``/dev/shm``), the rest neither; the kinds
-alternate in ABC CBA order. Separate runs of this job differ by several percent on a shared
-machine, more than the effect measured, so all kinds are sampled side by side in one run and
-machine drift hits them alike. Slowdown = 1 - (steps/s with) / (steps/s without), over all blocks.
+``python -m bench.overhead [--pairs 30] [--config FILE] [--json FILE]`` trains the ``make train``
+model (or ``--config``'s) on 2 CPU ranks in one torchrun job, in blocks of 10 steps. A third of the
+blocks take one async checkpoint after their first step (what ``--checkpoint-every 10`` does), a
+third a memory snapshot after each step (what ``--snapshot-every 1``, the default, does; in
+``/dev/shm``), the rest neither; the kinds alternate in ABC CBA order. Separate runs of this job
+differ by several percent on a shared machine, more than the effect measured, so all kinds are
+sampled side by side in one run and machine drift hits them alike. Slowdown = 1 - (steps/s with) /
+(steps/s without), over all blocks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
+from bench.jobs import job_settings
 from trainer.config import TrainConfig, setting_choices
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ WARMUP_STEPS = 20
 KINDS = ("none", "every_10", "snapshots")
 
 
-def _config(checkpoint_dir: Path, writer: str) -> TrainConfig:
-    settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+def _config(config: str | None, checkpoint_dir: Path, writer: str) -> TrainConfig:
+    settings = job_settings(config)
     settings.update(checkpoint_dir=str(checkpoint_dir), max_steps=10**6, progress=False,
                     checkpoint_first_step=False, checkpoint_writer=writer)
     return TrainConfig(**settings)
@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.checkpoint.memory_tier import MemoryTier
     from trainer.train import Trainer
 
-    trainer = Trainer(_config(Path(args.work), args.writer))
+    trainer = Trainer(_config(args.config, Path(args.work), args.writer))
     trainer.setup()
     memory = MemoryTier(Path(args.snapshots), trainer.rt, "bench", "bench", FixedInterval(1))
     for _ in range(WARMUP_STEPS):
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds of 10-step blocks, one of each kind: none, a checkpoint, snapshots (default 30)")
     parser.add_argument("--writer", choices=setting_choices("checkpoint_writer"), default="process",
                         help="who writes the async saves, as --checkpoint-writer (default process)")
+    parser.add_argument("--config", metavar="FILE", help="the job's settings (default configs/local.yaml)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(work) / "blocks.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                    "-m", "bench.overhead", "--pairs", str(args.pairs), "--writer", args.writer,
-                   "--work", str(Path(work) / "ckpt"), "--snapshots", snapshots, "--out", str(out)]
+                   "--work", str(Path(work) / "ckpt"), "--snapshots", snapshots, "--out", str(out),
+                   *(["--config", args.config] if args.config else [])]
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         result = {**summarize(json.loads(out.read_text())), "writer": args.writer}
     rates = result["steps_per_s"]

@@ -2,10 +2,10 @@
 against what the step consumes.
 
 ``python -m bench.train [--blocks 6] [--block-steps 10] [--worlds 1,2] [--precisions fp32,bf16]
-[--json FILE]`` runs one torchrun job per world size and precision, at ``make train`` size
-(configs/local.yaml) on a token dataset of the standard library's source (prepared into a
-temporary folder). In each job the same ranks alternate (ABBA) blocks of ``fsdp-train``'s
-``Trainer.train_step`` (prefetching loader, micro-batch loop, clipping, the stop all-reduce) and
+[--config FILE] [--json FILE]`` runs one torchrun job per world size and precision, at ``make train``
+size (configs/local.yaml, or ``--config``'s) on a token dataset of the standard library's source
+(prepared into a temporary folder). In each job the same ranks alternate (ABBA) blocks of
+``fsdp-train``'s ``Trainer.train_step`` (prefetching loader, micro-batch loop, clipping, the stop all-reduce) and
 of a plain loop: the same model, dtype policy, batch and AdamW, with ``fully_shard``, forward,
 backward, step and nothing else. Ratio = our tokens/s / the plain loop's (target: at least 0.95).
 Loader: tokens/s of ``TokenWindows.batch`` on one thread for a whole global batch, against the
@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from bench.jobs import job_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 5
 KINDS = ("fsdp_train", "plain")
 
 
-def _config(work: Path, data: Path, precision: str, max_grad_norm: float):
+def _config(config: str | None, work: Path, data: Path, precision: str, max_grad_norm: float):
     from trainer.config import TrainConfig
 
-    settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    settings = job_settings(config)
     settings.update(checkpoint_dir=str(work), data=str(data), max_steps=10**6, progress=False, log_every=10**6,
                     checkpoint_first_step=False, checkpoint_every=10**6, eval_every=0,
                     mixed_precision="bf16" if precision == "bf16" else "none", max_grad_norm=max_grad_norm)
@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from trainer.train import Trainer
 
-    cfg = _config(Path(args.work), Path(args.data), args.precision, args.max_grad_norm)
+    cfg = _config(args.config, Path(args.work), Path(args.data), args.precision, args.max_grad_norm)
     trainer = Trainer(cfg)
     trainer.setup()
     plain = PlainLoop(cfg, trainer.rt.device)
@@ -108,12 +108,12 @@ def worker(args: argparse.Namespace) -> None:
     trainer.close()
 
 
-def loader_tokens_per_s(data: Path, rounds: int = 5, batches: int = 20) -> float:
+def loader_tokens_per_s(config: str | None, data: Path, rounds: int = 5, batches: int = 20) -> float:
     """Best of ``rounds``: tokens/s of fetching whole global batches of shuffled windows."""
     from trainer.config import TrainConfig
     from trainer.data.loader import TrainingData
 
-    settings = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    settings = job_settings(config)
     cfg = TrainConfig(**{**settings, "data": str(data), "progress": False, "eval_every": 0})
     windows = TrainingData(cfg).train
     best = 0.0
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", default="1,2", help="world sizes (default 1,2)")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (default both)")
     parser.add_argument("--data", help="a prepared dataset (default: the stdlib's source, prepared now)")
+    parser.add_argument("--config", metavar="FILE", help="the job's settings (default configs/local.yaml)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     for hidden in ("--work", "--out", "--precision"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -150,18 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             prepare_stdlib(data)
-        grad_norm = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text()).get("max_grad_norm", 0.0)
+        grad_norm = job_settings(args.config).get("max_grad_norm", 0.0)
         for world in [int(w) for w in args.worlds.split(",")]:
             for precision in args.precisions.split(","):
                 out = Path(tmp) / f"blocks-{world}-{precision}.json"
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                            "-m", "bench.train", "--blocks", str(args.blocks), "--block-steps", str(args.block_steps),
                            "--work", str(Path(tmp) / f"ckpt-{world}-{precision}"), "--data", str(data),
-                           "--precision", precision, "--max-grad-norm", str(grad_norm), "--out", str(out)]
+                           "--precision", precision, "--max-grad-norm", str(grad_norm), "--out", str(out),
+                           *(["--config", args.config] if args.config else [])]
                 subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.DEVNULL)
                 seconds = json.loads(out.read_text())
-                cfg = _config(Path(tmp), data, precision, grad_norm)
+                cfg = _config(args.config, Path(tmp), data, precision, grad_norm)
                 tokens = args.block_steps * cfg.global_batch_size * cfg.seq_len
                 rates = {kind: tokens / min(values) for kind, values in seconds.items()}  # best block
                 run = {"world_size": world, "precision": precision, "tokens_per_s": rates,
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"world {world} {precision}: fsdp-train {rates['fsdp_train']:,.0f} tokens/s, plain FSDP2 loop "
                       f"{rates['plain']:,.0f} tokens/s: ratio {run['ratio']:.3f} (target >= 0.95)", flush=True)
         fastest = max(run["tokens_per_s"]["fsdp_train"] for run in results["runs"])
-        loader = loader_tokens_per_s(data)
+        loader = loader_tokens_per_s(args.config, data)
     results["loader"] = {"tokens_per_s": loader, "fastest_step_tokens_per_s": fastest, "ratio": loader / fastest}
     print(f"loader: {loader:,.0f} tokens/s on one thread, {loader / fastest:,.0f}x what the fastest step consumes "
           f"({fastest:,.0f} tokens/s; target >= 50x)")

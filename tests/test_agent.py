@@ -146,6 +146,19 @@ def test_the_forkserver_starts_early_only_for_the_trainer():
     assert not runs_the_trainer(["--standalone", "script.py", "-m", "x"])
 
 
+def test_the_forkserver_ends_without_the_interpreters_teardown():
+    """It holds the job's output open until it ends: a teardown of the torch it preloaded would keep a
+    caller that reads that output to its end waiting most of a second after every job."""
+    from trainer.launcher.worker import PRELOAD
+
+    assert "trainer.launcher.forkserver_exit" in PRELOAD
+    code = ("import atexit; atexit.register(print, 'teardown ran', flush=True)\n"  # would run after ours
+            "import trainer.launcher.forkserver_exit\nprint('served', flush=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "served\n"), proc
+
+
 def test_a_held_agent_waits_for_its_go_and_ends_quietly_without_one(tmp_path):
     """``local`` starts its agent before the preflight; a preflight that fails closes the hold pipe."""
     hold, go = os.pipe()

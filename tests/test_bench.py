@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import run_python
 from trainer.checkpoint.layout import list_checkpoints
@@ -17,6 +18,16 @@ METHODS = ("torch_save", "dcp_save", "dcp_async_save", "fsdp_train")
 TARGETS = ("blocking first / memcpy bound", "blocking warm / memcpy bound", "dcp.async_save warm / ours warm",
            "durable / fsync'd write bound", "reshard load / read bound", "snapshot warm / memcpy bound",
            "snapshot warm / training step")
+
+
+def small_config(tmp_path: Path) -> Path:
+    """The train and overhead benches' job at a size where a test takes seconds, not minutes (their
+    default is ``make train``'s)."""
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({"model": "transformer", "d_model": 32, "n_layers": 2, "n_heads": 4,
+                                    "seq_len": 32, "global_batch_size": 8, "warmup_steps": 5,
+                                    "max_grad_norm": 1.0}))
+    return path
 
 
 def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) -> None:
@@ -43,7 +54,8 @@ def test_checkpoint_bench_reports_every_method_bound_and_target(tmp_path: Path) 
 
 def test_overhead_bench_reports_the_slowdown(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    proc = run_python("-m", "bench.overhead", "--pairs", "1", "--json", str(out))
+    proc = run_python("-m", "bench.overhead", "--pairs", "1", "--config", str(small_config(tmp_path)),
+                      "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["pairs"] == 1 and set(result["block_seconds"]) == {"none", "every_10", "snapshots"}
@@ -101,7 +113,8 @@ def test_train_bench_compares_our_step_with_a_plain_loop_and_the_loader(tmp_path
     data, out = tmp_path / "data", tmp_path / "train.json"
     prepare(PrepareOptions([str(write_texts(tmp_path / "src", DOCS * 4))], data, val_fraction=0.0))
     proc = run_python("-m", "bench.train", "--blocks", "2", "--block-steps", "2", "--worlds", "1",
-                      "--precisions", "fp32,bf16", "--data", str(data), "--json", str(out))
+                      "--precisions", "fp32,bf16", "--data", str(data), "--config", str(small_config(tmp_path)),
+                      "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [(r["world_size"], r["precision"]) for r in results["runs"]] == [(1, "fp32"), (1, "bf16")]

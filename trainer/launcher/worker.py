@@ -20,7 +20,7 @@ import traceback
 # What the forkserver imports before forking anything: the worker's whole import tree, and what the
 # first DTensor would otherwise import on the restart path (``torch._dynamo``, most of a CPU-second).
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.checkpoint", "trainer.train",
-           __name__]
+           __name__, "trainer.launcher.forkserver_exit"]
 
 PR_SET_NAME = 15
 NAME_PREFIX = "fsdp-rank"  # /proc/PID/comm of a forked worker: "fsdp-rank<RANK>"
