@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,8 +38,68 @@ def _env() -> dict[str, str]:
     return env
 
 
+class WarmCli:
+    """``python -m trainer ARGS`` as a child forked from ``helpers/cli_server.py``, which imported
+    torch and the trainer once (see there): the same process, without seconds of imports each time."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen | None = None
+        self.pending = b""
+        self.lock = threading.Lock()
+
+    def run(self, args: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "trainer", *args]
+        with self.lock, tempfile.TemporaryDirectory(prefix="fsdp-train-cli-") as tmp:
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            server = self.running()
+            request = {"argv": list(args), "env": _env(), "cwd": str(ROOT), "out": str(out), "err": str(err)}
+            server.stdin.write((json.dumps(request) + "\n").encode())
+            server.stdin.flush()
+            deadline = time.monotonic() + timeout
+            pid = self.reply(deadline + 120)["pid"]  # the server's imports, the first time
+            deadline = time.monotonic() + timeout
+            try:
+                code = self.reply(deadline)["status"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self.reply(time.monotonic() + 30)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+
+    def running(self) -> subprocess.Popen:
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, str(HELPERS / "cli_server.py")], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, env=_env(), cwd=ROOT)
+            self.pending = b""
+        return self.server
+
+    def reply(self, deadline: float) -> dict:
+        """The server's next JSON line, by ``deadline`` (``time.monotonic``)."""
+        fd = self.server.stdout.fileno()
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise subprocess.TimeoutExpired("cli_server", left)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"the test suite's CLI server ended ({self.server.wait()}); see the log above")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=30)
+
+
+WARM_CLI = WarmCli()
+atexit.register(WARM_CLI.close)
+
+
 def run_cli(*args: str, timeout: int = TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
-    proc = run_python("-m", "trainer", *args, timeout=timeout)
+    """``python -m trainer ARGS`` to its end (see ``WarmCli``), its output captured."""
+    proc = WARM_CLI.run(args, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"fsdp-train {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

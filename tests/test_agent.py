@@ -159,6 +159,21 @@ def test_the_forkserver_ends_without_the_interpreters_teardown():
     assert (proc.returncode, proc.stdout) == (0, "served\n"), proc
 
 
+def test_a_failed_worker_waits_for_the_agent_only_until_the_agents_sigterm():
+    """The wait that lets the agent see a dead peer first ends when the agent stops this worker."""
+    code = ("from trainer.distributed.preemption import StopRequest\n"
+            "from trainer.launcher import worker\n"
+            "StopRequest().install()  # as in training\n"
+            "worker.ROOT_CAUSE_FIRST_S = 600\n"
+            "print('failed', flush=True)\n"
+            "worker.let_the_agent_see_the_cause_first()\n"
+            "print('ends', flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    assert proc.stdout.readline() == "failed\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.communicate(timeout=60)[0] == "ends\n" and proc.returncode == 0
+
+
 def test_a_held_agent_waits_for_its_go_and_ends_quietly_without_one(tmp_path):
     """``local`` starts its agent before the preflight; a preflight that fails closes the hold pipe."""
     hold, go = os.pipe()

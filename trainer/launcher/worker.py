@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import sys
-import time
 import traceback
 
 # What the forkserver imports before forking anything: the worker's whole import tree, and what the
@@ -89,6 +89,18 @@ def trains_hf_model(train_argv: list[str]) -> bool:
         return False
 
 
+def let_the_agent_see_the_cause_first() -> None:
+    """Most often a worker fails because a peer died and its collective failed: wait until the agent,
+    which looks every 0.1 s, has seen the peer's death (it then stops this worker with SIGTERM), so it
+    names that as the failure, not this one; ``ROOT_CAUSE_FIRST_S`` at most. The SIGTERM ends the
+    wait at once: the group's restart does not wait for the rest of it."""
+    from trainer.distributed.preemption import stop_signal_received
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # from here on it is awaited, not handled
+    if not stop_signal_received():
+        signal.sigtimedwait({signal.SIGTERM}, ROOT_CAUSE_FIRST_S)
+
+
 def run(env: dict[str, str], *argv: str) -> None:
     """``fsdp-train ARGV`` (``train ...``) in this forked process, with ``env`` added to its
     environment; exits with its code, as a worker process that torchrun executed would. A worker
@@ -111,9 +123,7 @@ def run(env: dict[str, str], *argv: str) -> None:
     except BaseException:  # noqa: BLE001 - any failure ends this worker, with its traceback
         traceback.print_exc()
         code = 1
-        # Most often a peer died and this rank's collective failed: let the agent, which looks every
-        # 0.1 s, see the peer's death first, so it names that as the failure, not this one.
-        time.sleep(ROOT_CAUSE_FIRST_S)
+        let_the_agent_see_the_cause_first()
     if code or stop_signal_received():  # failed, or stopped by the agent, which waits for the exit only
         sys.stdout.flush()
         sys.stderr.flush()
