@@ -216,6 +216,12 @@ def uninterrupted_loss(config: Path, workdir: Path) -> float:
     return _REFERENCE[text]
 
 
+# A replaced pod and a partition go the same way whichever kind rendered the pod (the pod, its
+# volume and its network are the same): one kind runs them. Both run what depends on the kind: the
+# start, the scaling, the restart in place (its restart rules), the drain and the scale-down.
+KIND_NEUTRAL_EVENTS_ON = ("IndexedJob",)
+
+
 @pytest.mark.parametrize("kind", ["IndexedJob", "JobSet"])
 def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
     proc = subprocess.run([str(ROOT / "hack" / "tools.sh")], capture_output=True, text=True, timeout=300)
@@ -257,37 +263,38 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         assert resumed["step"] - 1 >= step_at_kill - 1, "at most the step in flight is lost"
         summary.append(row)
 
-        # 3b. SIGKILL pod 1 again; this time the Job controller replaces the pod, with a new, empty
-        # memory volume: no snapshot there, so every rank restores from disk
-        wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
-        newest_before = newest_commit(pvc).step
-        step_at_kill = last_step(pvc)
-        event = time.time()
-        cluster.stop_pods([1], "KILL")
-        assert cluster.wait_exit(1, 30) == 137
-        cluster.start_pod(1)
-        resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
-                             "recovery after SIGKILL", cluster)
-        lost = step_at_kill - (resumed["step"] - 1)
-        assert resumed["step"] - 1 >= newest_before, "must resume from the newest committed checkpoint"
-        assert lost <= EVERY, f"lost {lost} steps, more than one checkpoint interval"
-        row = recovery("SIGKILL pod 1, replaced", event, pvc, cluster, world_size=3)
-        assert row["restored_from"] == "disk", row
-        summary.append(row)
+        if kind in KIND_NEUTRAL_EVENTS_ON:
+            # 3b. SIGKILL pod 1 again; this time the Job controller replaces the pod, with a new, empty
+            # memory volume: no snapshot there, so every rank restores from disk
+            wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
+            newest_before = newest_commit(pvc).step
+            step_at_kill = last_step(pvc)
+            event = time.time()
+            cluster.stop_pods([1], "KILL")
+            assert cluster.wait_exit(1, 30) == 137
+            cluster.start_pod(1)
+            resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
+                                 "recovery after SIGKILL", cluster)
+            lost = step_at_kill - (resumed["step"] - 1)
+            assert resumed["step"] - 1 >= newest_before, "must resume from the newest committed checkpoint"
+            assert lost <= EVERY, f"lost {lost} steps, more than one checkpoint interval"
+            row = recovery("SIGKILL pod 1, replaced", event, pvc, cluster, world_size=3)
+            assert row["restored_from"] == "disk", row
+            summary.append(row)
 
-        # 4. pod 2 cut off from the network: the others' collectives time out and they go on without it
-        wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
-        event = time.time()
-        cluster.disconnect(2)
-        wait_until(lambda: first_step_after(pvc, event, world_size=2), COLLECTIVE_TIMEOUT + 120,
-                   "training on without the cut-off pod", cluster)
-        summary.append(recovery("pod 2 cut off", event, pvc, cluster, world_size=2))
-        # ... until it is replaced (Kubernetes does once the pod fails or its node is drained)
-        cluster.replace_pod(2)
-        event = time.time()
-        resumed = wait_until(lambda: first_step_after(pvc, event, world_size=3), 300,
-                             "training at world size 3 again", cluster)
-        summary.append(recovery("cut-off pod replaced", event, pvc, cluster, world_size=3))
+            # 4. pod 2 cut off from the network: the others' collectives time out and they go on without it
+            wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
+            event = time.time()
+            cluster.disconnect(2)
+            wait_until(lambda: first_step_after(pvc, event, world_size=2), COLLECTIVE_TIMEOUT + 120,
+                       "training on without the cut-off pod", cluster)
+            summary.append(recovery("pod 2 cut off", event, pvc, cluster, world_size=2))
+            # ... until it is replaced (Kubernetes does once the pod fails or its node is drained)
+            cluster.replace_pod(2)
+            event = time.time()
+            resumed = wait_until(lambda: first_step_after(pvc, event, world_size=3), 300,
+                                 "training at world size 3 again", cluster)
+            summary.append(recovery("cut-off pod replaced", event, pvc, cluster, world_size=3))
 
         # 5. a node drain: SIGTERM to every pod -> an emergency checkpoint is committed
         wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
@@ -329,8 +336,11 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         {"kind": kind, "worlds": worlds, "resumes": len(resumes), "drained_step": drained.step, "events": summary,
          "loss": loss, "reference_loss": ref_loss}))
     assert {1, 2, 3} <= set(worlds)
-    assert len(resumes) >= 5, "scaling up, the replaced pods, the partition and the scale-down each resume"
-    partition = next(row for row in summary if row["event"] == "pod 2 cut off")
-    # the target is --collective-timeout + 35 s, reported above; what must hold is that the timeout bounds it
-    assert partition["total_s"] < COLLECTIVE_TIMEOUT + 90, partition
+    if kind not in KIND_NEUTRAL_EVENTS_ON:
+        assert len(resumes) >= 3, "scaling up, the restart in place and the scale-down each resume"
+    else:
+        assert len(resumes) >= 5, "scaling up, the replaced pods, the partition and the scale-down each resume"
+        partition = next(row for row in summary if row["event"] == "pod 2 cut off")
+        # the target is --collective-timeout + 35 s, reported above; what must hold is that the timeout bounds it
+        assert partition["total_s"] < COLLECTIVE_TIMEOUT + 90, partition
     assert abs(loss - ref_loss) <= TOLERANCE
