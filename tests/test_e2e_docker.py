@@ -196,6 +196,16 @@ def recovery(what: str, event: float, pvc: Path, cluster: FakeCluster, world_siz
     return {"event": what, **breakdown(event, start, first_reaction(cluster.logs(), event))}
 
 
+def sigkill_pod(index: int, cluster: FakeCluster, after_step: int) -> tuple[int, int, float]:
+    """Let the job train 5 steps past ``after_step``, then SIGKILL pod ``index``'s container; the
+    newest committed step and the last step before the kill, and its time."""
+    wait_until(lambda: last_step(cluster.pvc) >= after_step + 5, 120, "training to go on", cluster)
+    newest, step_at_kill, event = newest_commit(cluster.pvc).step, last_step(cluster.pvc), time.time()
+    cluster.stop_pods([index], "KILL")
+    assert cluster.wait_exit(index, 30) == 137
+    return newest, step_at_kill, event
+
+
 def newest_commit(pvc: Path) -> CommitMarker | None:
     committed = committed_checkpoints(pvc)
     return committed[-1].marker if committed else None
@@ -250,11 +260,7 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
 
         # 3a. SIGKILL pod 1's container; the kubelet restarts it in place (the chart's restart rules):
         # its memory volume is kept, so every rank restores from its memory snapshot
-        wait_until(lambda: last_step(pvc) >= marker.step + 5, 120, "training to go on", cluster)
-        step_at_kill = last_step(pvc)
-        event = time.time()
-        cluster.stop_pods([1], "KILL")
-        assert cluster.wait_exit(1, 30) == 137
+        _, step_at_kill, event = sigkill_pod(1, cluster, after_step=marker.step)
         cluster.restart_in_place(1)
         resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
                              "recovery after a restart in place", cluster)
@@ -266,12 +272,7 @@ def test_scale_kill_drain_resume_on_containers(docker_ready, tmp_path, kind):
         if kind in KIND_NEUTRAL_EVENTS_ON:
             # 3b. SIGKILL pod 1 again; this time the Job controller replaces the pod, with a new, empty
             # memory volume: no snapshot there, so every rank restores from disk
-            wait_until(lambda: last_step(pvc) >= resumed["step"] + 5, 120, "training to go on", cluster)
-            newest_before = newest_commit(pvc).step
-            step_at_kill = last_step(pvc)
-            event = time.time()
-            cluster.stop_pods([1], "KILL")
-            assert cluster.wait_exit(1, 30) == 137
+            newest_before, step_at_kill, event = sigkill_pod(1, cluster, after_step=resumed["step"])
             cluster.start_pod(1)
             resumed = wait_until(lambda: first_step_after(pvc, event + 0.5, world_size=3), 300,
                                  "recovery after SIGKILL", cluster)
